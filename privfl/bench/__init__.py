@@ -1,0 +1,1 @@
+"""Benchmarks and the main jobs, run as ``python -m privfl.bench <subcommand>``."""

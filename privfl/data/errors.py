@@ -1,0 +1,12 @@
+"""Errors raised by the data layer."""
+
+from __future__ import annotations
+
+__all__ = ["DataError"]
+
+
+class DataError(ValueError):
+    """A dataset on disk is missing, unreadable or inconsistent.
+
+    The message always names the offending file (and, for bad mask values, the value).
+    """

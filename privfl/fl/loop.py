@@ -1,0 +1,169 @@
+"""``run_federated``: the FedAvg round loop.
+
+Data flows one way each round: server samples clients → each client trains and computes its
+delta → ``defense.protect`` → server ``defense.aggregate`` → global state updated → metrics.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from torch import nn
+from torch.utils.data import Dataset, Subset
+
+from privfl.data.partition import train_val_split
+from privfl.defenses.base import Defense, NoDefense
+from privfl.fl.checkpoint import CheckpointMismatchError, load_checkpoint, save_checkpoint
+from privfl.fl.client import Augment, Client, ClientConfig, load_state, trainable_state
+from privfl.fl.device import make_fabric, prepare_model
+from privfl.fl.evaluate import evaluate
+from privfl.fl.seeding import derive_seed
+from privfl.fl.server import Server
+from privfl.updates import Update, global_l2_norm
+
+
+@dataclass
+class FederatedResult:
+    """What :func:`run_federated` returns: the final global state, the model holding it, and one
+    history record per round (see :func:`run_federated` for the record's keys)."""
+
+    global_state: Update
+    model: nn.Module
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    def curve(self, split: str = "test", metric: str = "dice") -> list[float]:
+        """One metric per round, e.g. ``curve("test", "dice")``."""
+        return [rec[split][metric] for rec in self.history if rec.get(split)]
+
+
+def _split_clients(datasets: Sequence[Dataset], val_fraction: float, seed: int) -> list[tuple[Dataset, Dataset | None]]:
+    out = []
+    for cid, ds in enumerate(datasets):
+        if val_fraction <= 0:
+            out.append((ds, None))
+            continue
+        tr, va = train_val_split(list(range(len(ds))), val_fraction, seed=derive_seed(seed, cid, "val"))
+        out.append((Subset(ds, list(tr)), Subset(ds, list(va))))
+    return out
+
+
+def run_federated(
+    model: nn.Module,
+    client_datasets: Sequence[Dataset],
+    test_data: Dataset | None,
+    rounds: int,
+    *,
+    num_classes: int = 4,
+    config: ClientConfig | None = None,
+    defense: Defense | None = None,
+    fraction: float = 1.0,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    loss_fn: nn.Module | None = None,
+    augment: Augment | None = None,
+    checkpoint_dir: str | Path | None = None,
+    resume: bool = False,
+    accelerator: str = "auto",
+    precision: str | None = None,
+    eval_batch_size: int = 16,
+    progress: bool = True,
+    on_round_end: Callable[[dict[str, Any]], None] | None = None,
+) -> FederatedResult:
+    """Federated training with FedAvg, a defense in the loop, checkpoints and resume.
+
+    Args:
+        model: the architecture; its current weights are the round-0 global state.
+        client_datasets: one dataset per client; each is split into train / held-out val
+            (``val_fraction``) deterministically per seed.
+        test_data: a pooled test split evaluated on the global model after every round (or ``None``).
+        rounds: number of FL rounds.
+        defense: privacy defense (``NoDefense()`` by default). Clients call ``protect``, the server
+            ``aggregate``; the loop never touches an update after ``protect`` has seen it.
+        fraction: fraction of clients sampled per round.
+        checkpoint_dir: where ``last.pt`` and ``history.json`` are written after every round.
+        resume: continue from the last complete round in ``checkpoint_dir``.
+        accelerator, precision: passed to Lightning Fabric (bf16-mixed on CUDA by default).
+        on_round_end: called with each round's record after its checkpoint is written.
+
+    Each history record has ``round``, ``sampled``, ``train_loss`` (sample-weighted mean),
+    ``client_loss``, ``update_norm`` (L2 of the aggregated update), ``val`` (per client metrics),
+    ``test`` (pooled metrics, or ``None``) and ``seconds``.
+    """
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
+    if not client_datasets:
+        raise ValueError("need at least one client dataset")
+    if resume and checkpoint_dir is None:
+        raise ValueError("resume=True needs a checkpoint_dir")
+    config = config or ClientConfig()
+    defense = defense or NoDefense()
+    fabric = make_fabric(accelerator, precision)
+    model = prepare_model(model, fabric)
+    splits = _split_clients(client_datasets, val_fraction, seed)
+    clients = [Client(cid, tr, config, loss_fn, augment) for cid, (tr, _) in enumerate(splits)]
+    server = Server(trainable_state(model), defense, len(clients), fraction, seed)
+    fingerprint = {"rounds": rounds, "seed": seed, "num_clients": len(clients), "fraction": fraction,
+                   "sizes": [c.num_samples for c in clients], "keys": sorted(server.global_state)}
+
+    history: list[dict[str, Any]] = []
+    start = 0
+    if resume:
+        ckpt = load_checkpoint(checkpoint_dir)  # type: ignore[arg-type]
+        if ckpt is not None:
+            if ckpt["fingerprint"] != fingerprint:
+                raise CheckpointMismatchError(f"checkpoint in {checkpoint_dir} was written by a different run configuration")
+            server.global_state = ckpt["global_state"]
+            history = ckpt["history"]
+            defense.load_state_dict(ckpt["defense"])
+            start = ckpt["round"] + 1
+
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TextColumn("{task.fields[info]}"))
+    with Progress(*columns, disable=not progress, transient=False) as bar:
+        t_rounds = bar.add_task("rounds", total=rounds, completed=start, info="")
+        t_clients = bar.add_task("clients", total=len(clients), info="")
+        for r in range(start, rounds):
+            t0 = time.perf_counter()
+            sampled = server.sample(r)
+            ctx = server.context(r, sampled, [clients[c].num_samples for c in sampled])
+            payloads, losses = [], {}
+            bar.reset(t_clients, total=len(sampled))
+            for cid in sampled:
+                delta, losses[cid] = clients[cid].fit(model, server.global_state, r, rounds, fabric, seed)
+                payloads.append(defense.protect(delta, ctx.for_client(cid)))
+                del delta  # the defense has seen it: the loop never touches it again
+                bar.advance(t_clients)
+            mean_update = server.aggregate(payloads, ctx)
+
+            load_state(model, server.global_state)
+            val = {}
+            for cid in sampled:
+                if splits[cid][1] is not None and len(splits[cid][1]) > 0:
+                    val[cid] = evaluate(model, splits[cid][1], num_classes, fabric, eval_batch_size).to_dict()
+            test = evaluate(model, test_data, num_classes, fabric, eval_batch_size).to_dict() if test_data else None
+            record = {
+                "round": r,
+                "sampled": list(sampled),
+                "train_loss": sum(w * losses[c] for w, c in zip(ctx.weights, sampled)),
+                "client_loss": {str(c): losses[c] for c in sampled},
+                "update_norm": global_l2_norm(mean_update),
+                "val": {str(c): v for c, v in val.items()},
+                "test": test,
+                "seconds": time.perf_counter() - t0,
+            }
+            history.append(record)
+            if checkpoint_dir is not None:
+                save_checkpoint(checkpoint_dir, {"round": r, "global_state": server.global_state, "history": history,
+                                                 "defense": defense.state_dict(), "fingerprint": fingerprint})
+            dice = f"test Dice {test['dice']:.3f}" if test else ""
+            bar.update(t_rounds, advance=1, info=f"loss {record['train_loss']:.3f} {dice}")
+            if on_round_end is not None:
+                on_round_end(record)
+
+    load_state(model, server.global_state)
+    return FederatedResult(server.global_state, model, history)
