@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from privfl.bench import fedavg
+from privfl.bench import fedavg, throughput
 
 SUBCOMMANDS = {
     "fedavg": fedavg,
     "demo": fedavg,
+    "train-throughput": throughput,
 }
 
 

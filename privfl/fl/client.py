@@ -14,7 +14,20 @@ from privfl.fl.seeding import derive_seed, torch_generator
 from privfl.models.losses import CEDiceLoss
 from privfl.updates import Update
 
-Augment = Callable[[torch.Tensor, torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.Tensor]]
+Augment = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+"""Per-sample joint augmentation ``(image 3×H×W, mask H×W) -> (image, mask)`` drawing from torch's
+global RNG, which the client seeds per (seed, round, client)."""
+
+
+class _Augmented(Dataset):
+    def __init__(self, data: Dataset, augment: Augment):
+        self.data, self.augment = data, augment
+
+    def __len__(self) -> int:
+        return len(self.data)  # type: ignore[arg-type]
+
+    def __getitem__(self, i: int):
+        return self.augment(*self.data[i])
 
 
 @dataclass
@@ -77,7 +90,7 @@ class Client:
         self.client_id = client_id
         self.train_data = train_data
         self.config = config
-        self.loss_fn = loss_fn or CEDiceLoss()
+        self.loss_fn = loss_fn or CEDiceLoss()  # run_federated passes the model's default_loss
         self.augment = augment
 
     @property
@@ -94,9 +107,10 @@ class Client:
         cfg = self.config
         load_state(model, global_state)
         model.train()
-        torch.manual_seed(derive_seed(seed, round_idx, self.client_id, "dropout"))
+        torch.manual_seed(derive_seed(seed, round_idx, self.client_id, "dropout+augment"))
         gen = torch_generator(seed, round_idx, self.client_id, "data")
-        loader = DataLoader(self.train_data, batch_size=cfg.batch_size, shuffle=True, generator=gen, drop_last=False)
+        data = self.train_data if self.augment is None else _Augmented(self.train_data, self.augment)
+        loader = DataLoader(data, batch_size=cfg.batch_size, shuffle=True, generator=gen, drop_last=False)
         steps = cfg.steps_per_round(self.num_samples)
         total_steps = max(total_rounds * steps, 1)
         opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
@@ -109,8 +123,6 @@ class Client:
                 t = round_idx * steps + step
                 for group in opt.param_groups:
                     group["lr"] = cfg.lr * (1 - t / total_steps) ** cfg.poly_power
-                if self.augment is not None:
-                    images, masks = self.augment(images, masks, gen)
                 images, masks = fabric.to_device((images, masks))
                 if fabric.device.type == "cuda":
                     images = images.contiguous(memory_format=torch.channels_last)

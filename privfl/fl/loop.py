@@ -24,6 +24,7 @@ from privfl.fl.device import make_fabric, prepare_model
 from privfl.fl.evaluate import evaluate
 from privfl.fl.seeding import derive_seed
 from privfl.fl.server import Server
+from privfl.models.losses import default_loss
 from privfl.updates import Update, global_l2_norm
 
 
@@ -65,7 +66,7 @@ def run_federated(
     val_fraction: float = 0.2,
     seed: int = 0,
     loss_fn: nn.Module | None = None,
-    augment: Augment | None = None,
+    augment: Augment | str | None = "default",
     checkpoint_dir: str | Path | None = None,
     resume: bool = False,
     accelerator: str = "auto",
@@ -85,6 +86,10 @@ def run_federated(
         defense: privacy defense (``NoDefense()`` by default). Clients call ``protect``, the server
             ``aggregate``; the loop never touches an update after ``protect`` has seen it.
         fraction: fraction of clients sampled per round.
+        loss_fn: training loss; ``None`` uses the model's ``default_loss()`` (DHU-Net: deep-supervised
+            CE + Dice) or CE + Dice.
+        augment: per-sample joint augmentation; ``"default"`` uses the model's ``default_augment()``
+            when it has one (DHU-Net: flips, ±90° rotations, HSV jitter), ``None`` disables it.
         checkpoint_dir: where ``last.pt`` and ``history.json`` are written after every round.
         resume: continue from the last complete round in ``checkpoint_dir``.
         accelerator, precision: passed to Lightning Fabric (bf16-mixed on CUDA by default).
@@ -102,6 +107,12 @@ def run_federated(
         raise ValueError("resume=True needs a checkpoint_dir")
     config = config or ClientConfig()
     defense = defense or NoDefense()
+    loss_fn = loss_fn or default_loss(model)
+    if augment == "default":
+        factory = getattr(model, "default_augment", None)
+        augment = factory() if callable(factory) else None
+    elif isinstance(augment, str):
+        raise ValueError(f"augment must be a callable, None or 'default', got {augment!r}")
     fabric = make_fabric(accelerator, precision)
     model = prepare_model(model, fabric)
     splits = _split_clients(client_datasets, val_fraction, seed)
