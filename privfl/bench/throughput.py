@@ -180,12 +180,23 @@ def run(args: argparse.Namespace) -> int:
                                       num_classes=args.num_classes)
     result = {"model": args.model, **result}
 
-    table = Table(title=f"Training throughput: {args.model} ({result['loss']})")
-    for col in ("device", "precision", "img", "batch", "params", "images/s", "s/step (median)", "peak MiB"):
-        table.add_column(col, justify="right")
-    table.add_row(result["device_name"], result["precision"], str(args.img_size), str(batch_size),
-                  f"{result['params']:,}", f"{result['images_per_s']:.2f}", f"{result['s_per_step']:.3f}",
-                  f"{result['peak_memory_mib']:.0f} ({'CUDA alloc' if fabric.device.type == 'cuda' else 'RSS'})")
+    table = Table(title=f"Training throughput: {args.model}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    peak = "CUDA max allocated" if fabric.device.type == "cuda" else "peak RSS"
+    rows = [
+        ("device", result["device_name"]),
+        ("precision", result["precision"]),
+        ("input", f"{batch_size} × 3 × {args.img_size} × {args.img_size}"),
+        ("parameters", f"{result['params']:,}"),
+        ("loss", result["loss"]),
+        ("images/s", f"{result['images_per_s']:.2f}"),
+        (f"s/step (median of {args.steps})", f"{result['s_per_step']:.3f}"),
+        ("s/step min / max", f"{result['s_per_step_min']:.3f} / {result['s_per_step_max']:.3f}"),
+        (f"{peak} (MiB)", f"{result['peak_memory_mib']:.0f}"),
+    ]
+    for name, value in rows:
+        table.add_row(name, value)
     console.print(table)
     write_json(out, {"args": {k: str(v) for k, v in vars(args).items()}, "machine": machine(), "result": result})
     console.print(f"results in {out}")
