@@ -9,8 +9,8 @@ break that, and :func:`make_private_compatible` fixes each (on a deep copy; the 
    ``opacus.validators.ModuleValidator.fix``; ``gcd(32, C)`` always divides C (so widths such as 2,
    6 or 48 work: 2, 2 and 16 groups). This changes the model's outputs, as it must.
 2. **ConvNeXt layer scale**: timm's ``ConvNeXtBlock.gamma`` is a bare parameter on a module with
-   children. Opacus would then re-run the whole block under ``torch.func`` to get per-sample
-   gradients, drawing new stochastic-depth masks, so the gradients would not match the step taken.
+   children. Opacus would then re-run the whole block under ``torch.func`` (a second forward) to
+   get per-sample gradients, and stochastic depth inside it fails there (random ops under vmap).
    The block becomes a :class:`DPConvNeXtBlock` whose ``gamma`` lives in a :class:`LayerScale` child
    (``ls.gamma``, same values, bit-identical outputs) with its own grad sampler.
 3. **Swin window attention** folds the windows into the batch axis (``B·nW`` "samples"), so every
@@ -24,9 +24,11 @@ break that, and :func:`make_private_compatible` fixes each (on a deep copy; the 
 4. In-place activations (``ReLU(inplace=True)``) after hooked layers trip the full backward hooks
    opacus installs; they are switched to out-of-place (same values).
 
-Grad samplers are also registered for timm's ``LayerNorm`` / ``LayerNorm2d`` (otherwise opacus
-falls back to ``torch.func`` for them). ``ConvTranspose2d`` has no opacus grad sampler and uses
-that ``torch.func`` fallback, which is exact for it (a deterministic leaf layer).
+Importing this module also registers opacus grad samplers for ``nn.ConvTranspose2d`` and timm's
+``LayerNorm`` / ``LayerNorm2d`` (opacus has none and would re-run them under ``torch.func``, which
+fails on the empty batches Poisson sampling produces), and re-registers ``nn.Conv2d``'s to make its
+input contiguous (opacus' version silently returns wrong per-sample gradients for channels-last
+strided inputs, which timm's ConvNeXt produces).
 
 Parameter names change only for the moved tensors (``…gamma`` → ``…ls.gamma`` and
 ``…attn.relative_position_bias_table`` → ``…attn.rel_pos.relative_position_bias_table``) and for
@@ -46,8 +48,6 @@ from timm.models.swin_transformer import (
     SwinTransformerBlock,
     WindowAttention,
     get_relative_position_index,
-    window_partition,
-    window_reverse,
 )
 from torch import nn
 
@@ -58,6 +58,8 @@ __all__ = [
     "LayerScale",
     "RelativePositionBias",
     "check_private_compatible",
+    "convert_layer_scale_",
+    "convert_window_attention_",
     "make_private_compatible",
 ]
 
@@ -85,7 +87,7 @@ def _layer_scale_grad_sample(layer: LayerScale, activations: list[torch.Tensor],
         return {}
     prod = activations[0] * backprops
     channel = prod.ndim - 1 if layer.channels_last else 1
-    return {layer.gamma: prod.sum(dim=[d for d in range(1, prod.ndim) if d not in (channel,)])}
+    return {layer.gamma: prod.sum(dim=[d for d in range(1, prod.ndim) if d != channel])}
 
 
 class RelativePositionBias(nn.Module):
@@ -127,7 +129,9 @@ def _relative_position_bias_grad_sample(layer: RelativePositionBias, activations
     if not table.requires_grad:
         return {}
     b, heads, n = backprops.shape[0], backprops.shape[-3], backprops.shape[-1]
-    g = backprops.reshape(b, -1, heads, n * n).sum(1).transpose(1, 2)  # (B, N·N, heads), summed over windows
+    if backprops.ndim > 4:  # (B, nW, …, heads, N, N): sum over the windows of each sample
+        backprops = backprops.sum(dim=tuple(range(1, backprops.ndim - 3)))
+    g = backprops.reshape(b, heads, n * n).transpose(1, 2)  # (B, N·N, heads)
     gs = torch.zeros((b, *table.shape), dtype=g.dtype, device=g.device)
     return {table: gs.index_add_(1, layer._index(), g)}
 
@@ -152,14 +156,16 @@ class DPWindowAttention(WindowAttention):
         """``x``: ``(B, nW, N, C)``; ``mask``: ``(nW, N, N)`` of 0/−100 or None. Same arithmetic as
         timm's non-fused path."""
         B, nW, N, _ = x.shape
-        qkv = self.qkv(x).reshape(B, nW, N, 3, self.num_heads, -1).permute(3, 0, 1, 4, 2, 5)
+        # explicit sizes throughout: B may be 0 (an empty Poisson-sampled batch)
+        head_dim = self.qkv.out_features // (3 * self.num_heads)
+        qkv = self.qkv(x).reshape(B, nW, N, 3, self.num_heads, head_dim).permute(3, 0, 1, 4, 2, 5)
         q, k, v = qkv.unbind(0)  # (B, nW, heads, N, head_dim)
         attn = (q * self.scale) @ k.transpose(-2, -1)
         attn = self.rel_pos(attn)
         if mask is not None:
             attn = attn + mask.unsqueeze(1)  # (nW, 1, N, N) against (B, nW, heads, N, N)
         attn = self.attn_drop(self.softmax(attn))
-        x = (attn @ v).transpose(2, 3).reshape(B, nW, N, -1)
+        x = (attn @ v).transpose(2, 3).reshape(B, nW, N, self.num_heads * head_dim)
         return self.proj_drop(self.proj(x))
 
     def _get_rel_pos_bias(self) -> torch.Tensor:
@@ -187,17 +193,32 @@ class DPSwinTransformerBlock(SwinTransformerBlock):
     def _attn(self, x: torch.Tensor) -> torch.Tensor:
         B, H, W, C = x.shape
         has_shift = any(self.shift_size)
-        shifted_x = torch.roll(x, shifts=(-self.shift_size[0], -self.shift_size[1]), dims=(1, 2)) if has_shift else x
+        shifted_x = (
+            torch.roll(x, shifts=(-self.shift_size[0], -self.shift_size[1]), dims=(1, 2)) if has_shift else x
+        )
         pad_h = (self.window_size[0] - H % self.window_size[0]) % self.window_size[0]
         pad_w = (self.window_size[1] - W % self.window_size[1]) % self.window_size[1]
         shifted_x = nn.functional.pad(shifted_x, (0, 0, 0, pad_w, 0, pad_h))
         _, Hp, Wp, _ = shifted_x.shape
-        # window_partition is batch-major, so (B·nW, …) views as (B, nW, …)
-        windows = window_partition(shifted_x, self.window_size).view(B, -1, self.window_area, C)
+        wh, ww = self.window_size
+        nw = (Hp // wh) * (Wp // ww)
+        # batch-major windows: (B, Hp/wh, wh, Wp/ww, ww, C) -> (B, nW, N, C); explicit sizes so B may be 0
+        windows = shifted_x.view(B, Hp // wh, wh, Wp // ww, ww, C).permute(0, 1, 3, 2, 4, 5)
+        windows = windows.reshape(B, nw, self.window_area, C)
         mask = self.get_attn_mask(shifted_x) if getattr(self, "dynamic_mask", False) else self.attn_mask
-        windows = self.attn(windows, mask=mask).view(-1, self.window_size[0], self.window_size[1], C)
-        shifted_x = window_reverse(windows, self.window_size, Hp, Wp)[:, :H, :W, :].contiguous()
+        windows = self.attn(windows, mask=mask)
+        shifted_x = (
+            windows.view(B, Hp // wh, Wp // ww, wh, ww, C).permute(0, 1, 3, 2, 4, 5).reshape(B, Hp, Wp, C)
+        )
+        shifted_x = shifted_x[:, :H, :W, :].contiguous()
         return torch.roll(shifted_x, shifts=self.shift_size, dims=(1, 2)) if has_shift else shifted_x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, H, W, C = x.shape  # timm's forward, with explicit sizes so B may be 0
+        x = x + self.drop_path1(self._attn(self.norm1(x)))
+        x = x.reshape(B, H * W, C)
+        x = x + self.drop_path2(self.mlp(self.norm2(x)))
+        return x.reshape(B, H, W, C)
 
     def set_input_size(self, *args, **kwargs) -> None:
         raise NotImplementedError("change the input size before make_private_compatible")
@@ -240,6 +261,38 @@ def _conv2d_grad_sample(layer: nn.Conv2d, activations: list[torch.Tensor], backp
     return _opacus_conv_grad_sample(layer, [activations[0].contiguous(), *activations[1:]], backprops)
 
 
+@register_grad_sampler(nn.ConvTranspose2d)
+def _conv_transpose2d_grad_sample(
+    layer: nn.ConvTranspose2d, activations: list[torch.Tensor], backprops: torch.Tensor
+):
+    """Per-sample gradients of ``ConvTranspose2d`` (opacus has none and would re-run the layer under
+    ``torch.func``, which also fails on an empty batch). A transposed convolution is the adjoint of
+    a convolution with the same kernel, stride, padding and dilation, so its weight gradient pairs
+    each input position with the ``unfold``-ed output gradient around it:
+    ``grad[n, i, o, kh, kw] = Σ_p x[n, i, p] · unfold(g)[n, (o, kh, kw), p]`` within each group."""
+    x = activations[0].to(backprops.dtype)
+    n, groups = x.shape[0], layer.groups
+    ret = {}
+    if layer.weight.requires_grad:
+        cols = nn.functional.unfold(
+            backprops, layer.kernel_size, dilation=layer.dilation, padding=layer.padding, stride=layer.stride
+        )  # (n, C_out·kh·kw, L) with L = the input's H·W
+        positions = x.shape[2] * x.shape[3]
+        if cols.shape[-1] != positions:
+            raise RuntimeError(
+                f"ConvTranspose2d grad sampler: {cols.shape[-1]} output windows for {positions} inputs"
+            )
+        gs = torch.einsum(
+            "ngip,ngop->ngio",
+            x.reshape(n, groups, layer.in_channels // groups, positions),
+            cols.reshape(n, groups, cols.shape[1] // groups, positions),
+        )
+        ret[layer.weight] = gs.reshape(n, *layer.weight.shape)
+    if layer.bias is not None and layer.bias.requires_grad:
+        ret[layer.bias] = backprops.sum(dim=(2, 3))
+    return ret
+
+
 @register_grad_sampler(LayerNorm)
 def _timm_layer_norm_grad_sample(layer: LayerNorm, activations, backprops):
     return compute_layer_norm_grad_sample(layer, activations, backprops)
@@ -247,7 +300,9 @@ def _timm_layer_norm_grad_sample(layer: LayerNorm, activations, backprops):
 
 @register_grad_sampler(LayerNorm2d)
 def _timm_layer_norm_2d_grad_sample(layer: LayerNorm2d, activations, backprops):
-    return compute_layer_norm_grad_sample(layer, [activations[0].permute(0, 2, 3, 1)], backprops.permute(0, 2, 3, 1))
+    return compute_layer_norm_grad_sample(
+        layer, [activations[0].permute(0, 2, 3, 1)], backprops.permute(0, 2, 3, 1)
+    )
 
 
 def convert_layer_scale_(model: nn.Module) -> nn.Module:
@@ -289,8 +344,8 @@ def check_private_compatible(model: nn.Module) -> list[str]:
     Combines ``ModuleValidator.validate`` (BatchNorm, LSTM, …; it also requires training mode),
     ``GradSampleModule.validate`` (trainable modules with buffers) and two checks opacus cannot
     make: timm Swin blocks not converted (per-window instead of per-sample gradients) and modules
-    with their own parameters *and* parameterised children (opacus re-runs those under
-    ``torch.func``, so any randomness inside, e.g. stochastic depth, differs from the real step).
+    with their own parameters *and* parameterised children (opacus re-runs those whole under
+    ``torch.func``, which fails on random ops inside such as stochastic depth).
     """
     errors = [str(e) for e in ModuleValidator.validate(model, strict=False)]
     errors += [str(e) for e in GradSampleModule.validate(model, strict=False)]

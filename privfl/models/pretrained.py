@@ -40,7 +40,6 @@ from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import nn
 
 if TYPE_CHECKING:
     from privfl.models.dhunet import DHUNet
@@ -62,7 +61,10 @@ _CONVNEXT_PREFIXES = ("stem.", "stages.", "downsample_layers.", "norm_pre.")
 _HEAD_PREFIXES = ("head.", "norm.", "fc_norm.")  # classifier and final norm (both models)
 _RECOMPUTED_BUFFERS = ("relative_position_index", "attn_mask")
 # timm key suffix -> where privfl.models.dp_compat.make_private_compatible moves that parameter.
-_DP_ALIASES = ((".gamma", ".ls.gamma"), (".attn.relative_position_bias_table", ".attn.rel_pos.relative_position_bias_table"))
+_DP_ALIASES = (
+    (".gamma", ".ls.gamma"),
+    (".attn.relative_position_bias_table", ".attn.rel_pos.relative_position_bias_table"),
+)
 
 
 @dataclass
@@ -168,7 +170,7 @@ def load_pretrained(
     plan: list[tuple[str, torch.Tensor]] = []
     for kind in ("swin", "convnext"):
         if kind in sources:
-            plan += _plan_branch(kind, sources[kind][0], model, targets, report)
+            plan += _plan_branch(kind, sources[kind][0], targets, report)
 
     if strict and (report.missing or report.mismatched):
         raise ValueError(
@@ -270,7 +272,9 @@ class _SwinShapes:
     def __init__(self, sd: dict[str, torch.Tensor]):
         self._sd = sd
         w = sd.get("patch_embed.proj.weight")
-        self.patch_embed = SimpleNamespace(proj=SimpleNamespace(weight=w if w is not None else torch.empty(0, 0, 0, 0)))
+        self.patch_embed = SimpleNamespace(
+            proj=SimpleNamespace(weight=w if w is not None else torch.empty(0, 0, 0, 0))
+        )
 
     def get_submodule(self, name: str) -> SimpleNamespace:
         table = self._sd[f"{name}.relative_position_bias_table"]
@@ -303,9 +307,14 @@ def _convnext_to_timm(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         raise ValueError(f"incomplete official ConvNeXt checkpoint: no {e.args[0]}") from None
     with torch.device("meta"):
         ref = ConvNeXt(
-            in_chans=stem.shape[1], num_classes=0, depths=depths, dims=dims, patch_size=stem.shape[-1],
+            in_chans=stem.shape[1],
+            num_classes=0,
+            depths=depths,
+            dims=dims,
+            patch_size=stem.shape[-1],
             kernel_sizes=sd["stages.0.0.dwconv.weight"].shape[-1],
-            use_grn=any(".grn." in k for k in sd), conv_bias="stages.0.0.dwconv.bias" in sd,
+            use_grn=any(".grn." in k for k in sd),
+            conv_bias="stages.0.0.dwconv.bias" in sd,
             ls_init_value=1e-6 if any(k.endswith(".gamma") and ".grn." not in k for k in sd) else None,
         )
     return checkpoint_filter_fn(sd, ref)
@@ -332,7 +341,6 @@ def _resolve(key: str, targets: Mapping[str, torch.Tensor]) -> str | None:
 def _plan_branch(
     kind: str,
     sd: dict[str, torch.Tensor],
-    model: nn.Module,
     targets: Mapping[str, torch.Tensor],
     report: PretrainedReport,
 ) -> list[tuple[str, torch.Tensor]]:
