@@ -23,28 +23,16 @@ from torch import nn
 from privfl.bench.common import default_out, machine, write_json
 from privfl.fl.device import make_fabric, prepare_model
 from privfl.models import build_model
-from privfl.models.losses import CEDiceLoss
+from privfl.models.losses import CEDiceLoss, DHUNetLoss
 
 LossFn = Callable[[Any, torch.Tensor], torch.Tensor]
 
 
-def _sum_ce_dice(out: Any, target: torch.Tensor) -> torch.Tensor:
-    """Fallback for deep-supervised outputs ``(logits, (deep, ...))``: CEDiceLoss summed over every map."""
-    ce_dice = CEDiceLoss()
-    logits, deep = out
-    return ce_dice(logits, target) + sum(ce_dice(d, target) for d in deep)
-
-
 def loss_for(out: Any) -> tuple[LossFn, str]:
-    """The training loss for a model output: CEDiceLoss for a logit map; for a DHU-Net training-mode
-    tuple, :class:`privfl.models.losses.DHUNetLoss` when it exists, else CEDiceLoss summed over all maps."""
-    if not isinstance(out, (tuple, list)):
-        return CEDiceLoss(), "CEDiceLoss"
-    try:
-        from privfl.models.losses import DHUNetLoss
-    except ImportError:
-        return _sum_ce_dice, "sum of CEDiceLoss over final + deep outputs (DHUNetLoss not available)"
-    return DHUNetLoss(), "DHUNetLoss"
+    """The training loss for a model output: DHUNetLoss for a deep-supervised tuple, else CEDiceLoss."""
+    if isinstance(out, (tuple, list)):
+        return DHUNetLoss(), "DHUNetLoss"
+    return CEDiceLoss(), "CEDiceLoss"
 
 
 def _peak_rss_mib() -> float:
