@@ -1,26 +1,42 @@
-"""``python -m privfl.bench <subcommand>``: benchmarks and the demo job."""
+"""``python -m privfl.bench <subcommand>``: benchmarks, the privacy calculator and the demo job.
+
+Every subcommand takes ``--json`` to print one JSON object with its figures instead of tables.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
-from privfl.bench import fedavg, throughput
-
+# subcommand -> (module with ``add_arguments(parser)`` and ``run(args) -> int``, one-line help)
 SUBCOMMANDS = {
-    "fedavg": fedavg,
-    "demo": fedavg,
-    "train-throughput": throughput,
+    "demo": ("privfl.bench.fedavg", "the main demo job on the embedded synthetic data"),
+    "fedavg": ("privfl.bench.fedavg", "FedAvg on the synthetic data: Dice per round"),
+    "feddp": ("privfl.bench.feddp", "FedDP's Eq. 11 noise with the (epsilon, delta) an accountant proves"),
+    "epsilon": ("privfl.bench.epsilon", "privacy calculator: epsilon per accountant, calibration, noise scale"),
+    "noise": ("privfl.bench.noise", "secure vs seeded DP noise throughput"),
+    "train-throughput": ("privfl.bench.throughput", "training throughput and peak memory per model"),
 }
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m privfl.bench", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    for name, module in SUBCOMMANDS.items():
-        module.add_arguments(sub.add_parser(name, help=module.__doc__.strip().splitlines()[0]))
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = argparse.ArgumentParser(prog="python -m privfl.bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(SUBCOMMANDS) + "}")
+    chosen = next((a for a in argv if not a.startswith("-")), None)
+    module = None
+    for name, (path, help_text) in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if name == chosen:  # import only the subcommand that runs
+            module = importlib.import_module(path)
+            module.add_arguments(p)
+            if not any(a.dest == "json" for a in p._actions):
+                p.add_argument("--json", action="store_true", help="print one JSON object with the figures")
     args = parser.parse_args(argv)
-    return SUBCOMMANDS[args.command].run(args)
+    assert module is not None
+    return module.run(args)
 
 
 if __name__ == "__main__":

@@ -45,3 +45,24 @@ def machine() -> dict[str, Any]:
 def write_json(path: Path, data: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2, default=float))
+
+
+def console_for(args: Any):
+    """Rich console for a subcommand: stderr when ``--json`` so stdout carries only the JSON object."""
+    from rich.console import Console
+
+    return Console(stderr=bool(getattr(args, "json", False)))
+
+
+def print_json(data: Any) -> None:
+    """Print one JSON object on stdout (the ``--json`` output of every subcommand)."""
+    print(json.dumps(data, default=float))
+
+
+def finish(args: Any, console: Any, out: Path, record: dict[str, Any]) -> int:
+    """Write a subcommand's ``record`` to ``out``, say where, and print it on stdout with ``--json``."""
+    write_json(out, record)
+    console.print(f"results in {out}")
+    if getattr(args, "json", False):
+        print_json(record)
+    return 0

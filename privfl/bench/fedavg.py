@@ -7,10 +7,9 @@ import time
 from pathlib import Path
 
 import torch
-from rich.console import Console
 from rich.table import Table
 
-from privfl.bench.common import default_out, machine, write_json
+from privfl.bench.common import console_for, default_out, finish, machine
 from privfl.data import SyntheticHistology, partition
 from privfl.fl import ClientConfig, run_federated
 from privfl.models import build_model
@@ -33,7 +32,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    console = Console()
+    console = console_for(args)
     out = args.out or default_out("fedavg")
     torch.manual_seed(args.seed)
     n = args.clients * args.samples_per_client
@@ -46,7 +45,8 @@ def run(args: argparse.Namespace) -> int:
                   f"{args.size}px, {sum(p.numel() for p in model.parameters()):,} parameters → {out}")
     t0 = time.perf_counter()
     result = run_federated(model, clients, test, args.rounds, config=config, seed=args.seed,
-                           checkpoint_dir=out / "checkpoint", resume=args.resume, accelerator=args.device)
+                           checkpoint_dir=out / "checkpoint", resume=args.resume, accelerator=args.device,
+                           progress=not args.json)
     seconds = time.perf_counter() - t0
 
     table = Table(title="FedAvg on SyntheticHistology (test split, classes 1..3)")
@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
         table.add_row(str(rec["round"] + 1), f"{rec['train_loss']:.4f}", f"{t['dice']:.4f}", f"{t['jaccard']:.4f}",
                       f"{t['accuracy']:.4f}", f"{rec['seconds']:.1f}")
     console.print(table)
-    write_json(out / "results.json", {"args": {k: str(v) for k, v in vars(args).items()}, "machine": machine(),
-                                      "seconds": seconds, "history": result.history})
-    console.print(f"total {seconds:.1f} s; results in {out}")
-    return 0
+    record = {"args": {k: str(v) for k, v in vars(args).items()}, "machine": machine(), "seconds": seconds,
+              "history": result.history}
+    console.print(f"total {seconds:.1f} s")
+    return finish(args, console, out / "results.json", record)

@@ -16,11 +16,10 @@ from typing import Any
 
 import torch
 from lightning.fabric import Fabric
-from rich.console import Console
 from rich.table import Table
 from torch import nn
 
-from privfl.bench.common import default_out, machine, write_json
+from privfl.bench.common import console_for, default_out, finish, machine
 from privfl.fl.device import make_fabric, prepare_model
 from privfl.models import build_model
 from privfl.models.losses import CEDiceLoss, DHUNetLoss
@@ -156,7 +155,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    console = Console()
+    console = console_for(args)
     out = args.out or Path(f"{default_out('train-throughput')}.json")
     torch.manual_seed(args.seed)
     fabric = make_fabric(args.device, args.precision)
@@ -186,6 +185,5 @@ def run(args: argparse.Namespace) -> int:
     for name, value in rows:
         table.add_row(name, value)
     console.print(table)
-    write_json(out, {"args": {k: str(v) for k, v in vars(args).items()}, "machine": machine(), "result": result})
-    console.print(f"results in {out}")
-    return 0
+    record = {"args": {k: str(v) for k, v in vars(args).items()}, "machine": machine(), "result": result}
+    return finish(args, console, out, record)

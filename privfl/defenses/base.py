@@ -1,18 +1,29 @@
 """The Defense protocol: a client side that transforms its own update and a server side that
-combines what all clients sent.
+combines what all clients sent; :class:`Compose` chains defenses into a pipeline.
 
 Data flows one way: ``client update -> protect -> payload -> aggregate -> mean update``. A defense
-never sees the model or the data, only updates (``dict[str, Tensor]``) and a :class:`RoundContext`.
+never sees the model or the data, only updates (``dict[str, Tensor]``) and a :class:`RoundContext`,
+so it drops into any FL loop::
+
+    ctx = RoundContext(round=r, num_clients=n, sampled=ids, weights=w)
+    payloads = [defense.protect(update_i, ctx.for_client(i)) for i, update_i in zip(ids, updates)]
+    mean_update = defense.aggregate(payloads, ctx)
+
+A round is: ``before_round(ctx)`` (budget checks; raises before any work is done) ->
+``protect`` on every sampled client -> ``aggregate`` once on the server.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
 
 from privfl.updates import Update, clone, weighted_mean
+
+if TYPE_CHECKING:
+    from privfl.defenses.accounting import PrivacyAccountant
 
 Payload = Any
 """What a client sends: an :data:`~privfl.updates.Update` or an opaque object (e.g. ciphertext bytes)."""
@@ -29,6 +40,11 @@ class RoundContext:
         weights: aggregation weight of each sampled client (same order), summing to 1.
         client_id: the client running ``protect``; ``None`` on the server.
         seed: the experiment seed (only for reproducible, explicitly seeded sources).
+        sampling_rate: the Poisson client-sampling rate q that privacy accounting may assume
+            (privacy amplification by subsampling). ``1.0`` claims no amplification; this is what
+            privfl's server reports, because it samples a fixed number of clients, which is not
+            Poisson sampling.
+        extra: free-form facts for custom defenses.
     """
 
     round: int
@@ -37,11 +53,18 @@ class RoundContext:
     weights: tuple[float, ...]
     client_id: int | None = None
     seed: int = 0
+    sampling_rate: float = 1.0
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if len(self.sampled) != len(self.weights):
+            raise ValueError(f"RoundContext: {len(self.sampled)} sampled clients but {len(self.weights)} weights")
+        if not 0 < self.sampling_rate <= 1:
+            raise ValueError(f"RoundContext: sampling_rate must be in (0, 1], got {self.sampling_rate}")
 
     def for_client(self, client_id: int) -> RoundContext:
         """The same context seen from one client."""
-        return RoundContext(self.round, self.num_clients, self.sampled, self.weights, client_id, self.seed, self.extra)
+        return replace(self, client_id=client_id)
 
     def weight_of(self, client_id: int) -> float:
         return self.weights[self.sampled.index(client_id)]
@@ -51,7 +74,19 @@ class Defense(ABC):
     """A composable privacy defense.
 
     Subclasses state their threat model in their docstring: who is trusted, what leaks.
+
+    Class attributes:
+        hides_individual_updates: ``True`` for aggregators after which the server sees only the
+            aggregate (secure aggregation, homomorphic encryption). Distributed DP noise is only
+            meaningful in front of one.
     """
+
+    hides_individual_updates: bool = False
+
+    def before_round(self, ctx: RoundContext) -> None:
+        """Server side, before any client trains: refuse the round (raise) if it must not run, e.g.
+        :class:`~privfl.defenses.accounting.PrivacyBudgetExceeded`. Default: nothing to check."""
+        return None
 
     @abstractmethod
     def protect(self, update: Update, ctx: RoundContext) -> Payload:
@@ -61,6 +96,12 @@ class Defense(ABC):
     def aggregate(self, payloads: Sequence[Payload], ctx: RoundContext) -> Update:
         """Server side: combine the sampled clients' payloads (in ``ctx.sampled`` order) into the
         weighted mean update."""
+
+    def finalize(self, mean_update: Update, ctx: RoundContext) -> Update:
+        """Server side, used by :class:`Compose` for every stage except the last (which aggregates):
+        post-process the aggregate (e.g. add central noise, record the round in an accountant).
+        Default: unchanged."""
+        return mean_update
 
     def state_dict(self) -> dict[str, Any]:
         """State to checkpoint between rounds (e.g. an accountant's history)."""
@@ -82,3 +123,84 @@ class NoDefense(Defense):
 
     def aggregate(self, payloads: Sequence[Payload], ctx: RoundContext) -> Update:
         return weighted_mean(list(payloads), ctx.weights)
+
+
+class Compose(Defense):
+    """Chain defenses in the order written, the way the threat model reads.
+
+    Client side: ``stages[0].protect`` runs first and each stage's output feeds the next; only the
+    last stage may return an opaque payload (e.g. ciphertext bytes). Server side: the last stage
+    aggregates the payloads, then every earlier stage's :meth:`~Defense.finalize` runs on the
+    aggregate in reverse order (so the stage written closest to the aggregator acts first).
+
+    Example — clip, add noise, and let the aggregator see only the sum::
+
+        Compose(ClipUpdate(0.05), GaussianMechanism(noise_multiplier=1.0, placement="distributed"),
+                SecureAggregation(threshold=3))
+
+    Threat model: the composition of its stages'. Stages that account privacy keep their own
+    :class:`~privfl.defenses.accounting.PrivacyAccountant`; :attr:`accountant` combines them.
+    """
+
+    def __init__(self, *stages: Defense):
+        if not stages:
+            raise ValueError("Compose needs at least one defense")
+        for i, stage in enumerate(stages):
+            if not isinstance(stage, Defense):
+                raise TypeError(f"Compose: stage {i} is {type(stage).__name__}, not a Defense")
+        self.stages: tuple[Defense, ...] = stages
+        for i, stage in enumerate(stages):
+            bind = getattr(stage, "bind", None)
+            if callable(bind):
+                bind(stages[:i], stages[i + 1:])
+
+    @property
+    def hides_individual_updates(self) -> bool:  # type: ignore[override]
+        return self.stages[-1].hides_individual_updates
+
+    @property
+    def accountant(self) -> PrivacyAccountant | None:
+        """The privacy spent so far by all noising stages (``None`` if no stage accounts privacy)."""
+        accountants = [a for s in self.stages if (a := getattr(s, "accountant", None)) is not None]
+        if not accountants:
+            return None
+        if len(accountants) == 1:
+            return accountants[0]
+        from privfl.defenses.accounting import PrivacyAccountant
+
+        return PrivacyAccountant.merge(*accountants)
+
+    def before_round(self, ctx: RoundContext) -> None:
+        for stage in self.stages:
+            stage.before_round(ctx)
+
+    def protect(self, update: Update, ctx: RoundContext) -> Payload:
+        payload: Payload = update
+        for i, stage in enumerate(self.stages):
+            if i > 0 and not isinstance(payload, dict):
+                raise TypeError(
+                    f"Compose: stage {i - 1} ({type(self.stages[i - 1]).__name__}) returned an opaque "
+                    f"{type(payload).__name__}; only the last stage may do that")
+            payload = stage.protect(payload, ctx)
+        return payload
+
+    def aggregate(self, payloads: Sequence[Payload], ctx: RoundContext) -> Update:
+        for stage in self.stages:
+            stage.before_round(ctx)  # no partial round: refuse before anything is aggregated
+        mean_update = self.stages[-1].aggregate(payloads, ctx)
+        for stage in reversed(self.stages[:-1]):
+            mean_update = stage.finalize(mean_update, ctx)
+        return mean_update
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"stages": [s.state_dict() for s in self.stages]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        states = state.get("stages", [])
+        if len(states) != len(self.stages):
+            raise ValueError(f"Compose: state has {len(states)} stages, this pipeline has {len(self.stages)}")
+        for stage, st in zip(self.stages, states):
+            stage.load_state_dict(st)
+
+    def __repr__(self) -> str:
+        return "Compose(" + ", ".join(repr(s) for s in self.stages) + ")"

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from lightning.fabric import Fabric
@@ -74,6 +75,28 @@ def load_state(model: nn.Module, state: Update) -> None:
             own[k].copy_(v)
 
 
+def scheduled_batches(loader: Iterable, optimizer: torch.optim.Optimizer, config: ClientConfig, round_idx: int,
+                      steps: int, total_rounds: int) -> Iterator[tuple[int, Any]]:
+    """Yield ``(step, batch)`` for exactly ``steps`` optimizer steps, passing over ``loader`` as often
+    as needed, with the poly learning rate ``lr · (1 − t/T)^power`` set on ``optimizer`` before each
+    step (``t = round_idx · steps + step`` counts steps over the run, ``T = total_rounds · steps``)."""
+    total_steps = max(total_rounds * steps, 1)
+    step = 0
+    while step < steps:
+        passed = False
+        for batch in loader:
+            passed = True
+            if step >= steps:
+                return
+            t = round_idx * steps + step
+            for group in optimizer.param_groups:
+                group["lr"] = config.lr * (1 - t / total_steps) ** config.poly_power
+            yield step, batch
+            step += 1
+        if not passed:
+            raise ValueError("scheduled_batches: the loader yielded no batch")
+
+
 class Client:
     """One FL participant. Holds its data and recipe, never the global model between rounds."""
 
@@ -112,32 +135,23 @@ class Client:
         data = self.train_data if self.augment is None else _Augmented(self.train_data, self.augment)
         loader = DataLoader(data, batch_size=cfg.batch_size, shuffle=True, generator=gen, drop_last=False)
         steps = cfg.steps_per_round(self.num_samples)
-        total_steps = max(total_rounds * steps, 1)
         opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
         losses: list[float] = []
-        step = 0
-        while step < steps:
-            for images, masks in loader:
-                if step >= steps:
-                    break
-                t = round_idx * steps + step
-                for group in opt.param_groups:
-                    group["lr"] = cfg.lr * (1 - t / total_steps) ** cfg.poly_power
-                images, masks = fabric.to_device((images, masks))
-                if fabric.device.type == "cuda":
-                    images = images.contiguous(memory_format=torch.channels_last)
-                opt.zero_grad(set_to_none=True)
-                with fabric.autocast():
-                    out = model(images)
-                loss = self.loss_fn(out, masks)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"client {self.client_id}: non-finite loss at round {round_idx} step {step}")
-                loss.backward()
-                if cfg.grad_clip is not None:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                opt.step()
-                losses.append(float(loss.detach()))
-                step += 1
+        for step, (images, masks) in scheduled_batches(loader, opt, cfg, round_idx, steps, total_rounds):
+            images, masks = fabric.to_device((images, masks))
+            if fabric.device.type == "cuda":
+                images = images.contiguous(memory_format=torch.channels_last)
+            opt.zero_grad(set_to_none=True)
+            with fabric.autocast():
+                out = model(images)
+            loss = self.loss_fn(out, masks)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"client {self.client_id}: non-finite loss at round {round_idx} step {step}")
+            loss.backward()
+            if cfg.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            losses.append(float(loss.detach()))
         local = trainable_state(model)
         delta = {k: local[k] - global_state[k] for k in global_state}
         return delta, sum(losses) / len(losses)

@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import nn
@@ -27,6 +27,9 @@ from privfl.fl.server import Server
 from privfl.models.losses import default_loss
 from privfl.updates import Update, global_l2_norm
 
+if TYPE_CHECKING:
+    from privfl.defenses.dpsgd import DPSGD
+
 
 @dataclass
 class FederatedResult:
@@ -40,6 +43,40 @@ class FederatedResult:
     def curve(self, split: str = "test", metric: str = "dice") -> list[float]:
         """One metric per round, e.g. ``curve("test", "dice")``."""
         return [rec[split][metric] for rec in self.history if rec.get(split)]
+
+
+def _privacy_record(defense: Defense) -> dict[str, Any] | None:
+    """The (ε, δ) spent so far, if the defense accounts privacy."""
+    accountant = getattr(defense, "accountant", None)
+    if accountant is None:
+        return None
+    report = accountant.epsilon()
+    return {"epsilon": report.epsilon, "delta": report.delta, "accountant": report.accountant,
+            "rounds_accounted": accountant.steps}
+
+
+def _fit_dp_sgd(client: Client, model: nn.Module, global_state: Update, dp: DPSGD, round_idx: int, rounds: int,
+                seed: int, fabric: Any, histories: dict[int, list[tuple[float, float, int]]]) -> tuple[Update, float]:
+    """One client's round with DP-SGD; appends its privacy event to ``histories``."""
+    from privfl.defenses.dpsgd import fit_dp_sgd
+
+    cid = client.client_id
+    res = fit_dp_sgd(model, client.train_data, global_state, client.config, dp, loss_fn=client.loss_fn,
+                     augment=client.augment, round_idx=round_idx, total_rounds=rounds, seed=seed, client_id=cid,
+                     device=fabric.device, accountant_state=histories.get(cid))
+    histories[cid] = [tuple(e) for e in res.history]
+    return res.delta, res.loss
+
+
+def _sample_privacy_record(dp: DPSGD | None, histories: dict[int, list[tuple[float, float, int]]]
+                           ) -> dict[str, Any] | None:
+    if dp is None:
+        return None
+    from privfl.defenses.dpsgd import sample_level_epsilon
+
+    per_client = {str(c): sample_level_epsilon(h, dp.delta, dp.accountant) for c, h in sorted(histories.items())}
+    return {"epsilon": max(per_client.values(), default=0.0), "delta": dp.delta, "accountant": dp.accountant,
+            "per_client": per_client}
 
 
 def _split_clients(datasets: Sequence[Dataset], val_fraction: float, seed: int) -> list[tuple[Dataset, Dataset | None]]:
@@ -74,6 +111,7 @@ def run_federated(
     eval_batch_size: int = 16,
     progress: bool = True,
     on_round_end: Callable[[dict[str, Any]], None] | None = None,
+    dp_sgd: DPSGD | None = None,
 ) -> FederatedResult:
     """Federated training with FedAvg, a defense in the loop, checkpoints and resume.
 
@@ -84,8 +122,13 @@ def run_federated(
         test_data: a pooled test split evaluated on the global model after every round (or ``None``).
         rounds: number of FL rounds.
         defense: privacy defense (``NoDefense()`` by default). Clients call ``protect``, the server
-            ``aggregate``; the loop never touches an update after ``protect`` has seen it.
-        fraction: fraction of clients sampled per round.
+            ``aggregate``; the loop never touches an update after ``protect`` has seen it. Its
+            ``before_round`` runs before any client trains; when it raises (e.g.
+            :class:`~privfl.defenses.accounting.PrivacyBudgetExceeded`) the exception propagates
+            and the global state / checkpoint stay at the last complete round.
+        fraction: fraction of clients sampled per round. The server samples a fixed number of
+            clients, not a Poisson sample, so privacy accounting claims no amplification
+            (``sampling_rate=1``).
         loss_fn: training loss; ``None`` uses the model's ``default_loss()`` (DHU-Net: deep-supervised
             CE + Dice) or CE + Dice.
         augment: per-sample joint augmentation; ``"default"`` uses the model's ``default_augment()``
@@ -94,9 +137,16 @@ def run_federated(
         resume: continue from the last complete round in ``checkpoint_dir``.
         accelerator, precision: passed to Lightning Fabric (bf16-mixed on CUDA by default).
         on_round_end: called with each round's record after its checkpoint is written.
+        dp_sgd: sample-level DP-SGD for local training (:class:`~privfl.defenses.dpsgd.DPSGD`, via
+            opacus) instead of plain SGD. The model is converted with
+            :func:`~privfl.models.dp_compat.make_private_compatible` first when it needs it
+            (BatchNorm → GroupNorm, …); ``result.model`` is the converted model. Each client's
+            privacy events are checkpointed and its ε reported per round.
 
     Each history record has ``round``, ``sampled``, ``train_loss`` (sample-weighted mean),
-    ``client_loss``, ``update_norm`` (L2 of the aggregated update), ``val`` (per client metrics),
+    ``client_loss``, ``update_norm`` (L2 of the aggregated update), ``privacy`` (``epsilon``, ``delta``,
+    ``accountant`` so far, or ``None`` without an accountant), ``sample_privacy`` (with ``dp_sgd``:
+    ``epsilon`` = the largest client ε at ``delta``, ``per_client``), ``val`` (per client metrics),
     ``test`` (pooled metrics, or ``None``) and ``seconds``.
     """
     if rounds < 1:
@@ -113,6 +163,11 @@ def run_federated(
         augment = factory() if callable(factory) else None
     elif isinstance(augment, str):
         raise ValueError(f"augment must be a callable, None or 'default', got {augment!r}")
+    if dp_sgd is not None:
+        from privfl.models.dp_compat import check_private_compatible, make_private_compatible
+
+        if check_private_compatible(model.train()):
+            model = make_private_compatible(model)
     fabric = make_fabric(accelerator, precision)
     model = prepare_model(model, fabric)
     splits = _split_clients(client_datasets, val_fraction, seed)
@@ -122,6 +177,7 @@ def run_federated(
                    "sizes": [c.num_samples for c in clients], "keys": sorted(server.global_state)}
 
     history: list[dict[str, Any]] = []
+    dp_histories: dict[int, list[tuple[float, float, int]]] = {}  # DP-SGD (z, q, steps) per client
     start = 0
     if resume:
         ckpt = load_checkpoint(checkpoint_dir)  # type: ignore[arg-type]
@@ -131,6 +187,7 @@ def run_federated(
             server.global_state = ckpt["global_state"]
             history = ckpt["history"]
             defense.load_state_dict(ckpt["defense"])
+            dp_histories = {int(c): [tuple(e) for e in h] for c, h in ckpt.get("dp_sgd", {}).items()}
             start = ckpt["round"] + 1
 
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -142,10 +199,15 @@ def run_federated(
             t0 = time.perf_counter()
             sampled = server.sample(r)
             ctx = server.context(r, sampled, [clients[c].num_samples for c in sampled])
+            defense.before_round(ctx)  # e.g. PrivacyBudgetExceeded: refused before any client trains
             payloads, losses = [], {}
             bar.reset(t_clients, total=len(sampled))
             for cid in sampled:
-                delta, losses[cid] = clients[cid].fit(model, server.global_state, r, rounds, fabric, seed)
+                if dp_sgd is None:
+                    delta, losses[cid] = clients[cid].fit(model, server.global_state, r, rounds, fabric, seed)
+                else:
+                    delta, losses[cid] = _fit_dp_sgd(clients[cid], model, server.global_state, dp_sgd, r, rounds,
+                                                     seed, fabric, dp_histories)
                 payloads.append(defense.protect(delta, ctx.for_client(cid)))
                 del delta  # the defense has seen it: the loop never touches it again
                 bar.advance(t_clients)
@@ -163,6 +225,8 @@ def run_federated(
                 "train_loss": sum(w * losses[c] for w, c in zip(ctx.weights, sampled)),
                 "client_loss": {str(c): losses[c] for c in sampled},
                 "update_norm": global_l2_norm(mean_update),
+                "privacy": _privacy_record(defense),
+                "sample_privacy": _sample_privacy_record(dp_sgd, dp_histories),
                 "val": {str(c): v for c, v in val.items()},
                 "test": test,
                 "seconds": time.perf_counter() - t0,
@@ -170,7 +234,8 @@ def run_federated(
             history.append(record)
             if checkpoint_dir is not None:
                 save_checkpoint(checkpoint_dir, {"round": r, "global_state": server.global_state, "history": history,
-                                                 "defense": defense.state_dict(), "fingerprint": fingerprint})
+                                                 "defense": defense.state_dict(), "fingerprint": fingerprint,
+                                                 "dp_sgd": {str(c): h for c, h in dp_histories.items()}})
             dice = f"test Dice {test['dice']:.3f}" if test else ""
             bar.update(t_rounds, advance=1, info=f"loss {record['train_loss']:.3f} {dice}")
             if on_round_end is not None:

@@ -13,8 +13,11 @@ import torch
 
 
 def derive_seed(*parts: int | str) -> int:
-    """A 63-bit seed that depends on every part (strings are hashed with CRC32, stable across runs)."""
-    words = [zlib.crc32(p.encode()) if isinstance(p, str) else int(p) for p in parts]
+    """A 63-bit seed that depends on every part (strings are hashed with CRC32, stable across runs).
+
+    The number of parts is mixed in first: ``SeedSequence`` ignores trailing zero words, which
+    would otherwise make ``(5,)`` and ``(5, 0)`` the same seed."""
+    words = [len(parts)] + [zlib.crc32(p.encode()) if isinstance(p, str) else int(p) for p in parts]
     return int(np.random.SeedSequence(words).generate_state(2, dtype=np.uint32).astype(np.uint64) @ [1 << 31, 1])
 
 

@@ -257,8 +257,21 @@ def _conv2d_grad_sample(layer: nn.Conv2d, activations: list[torch.Tensor], backp
     """opacus' Conv2d grad sampler with contiguous activations: its ``unfold2d`` builds patches with
     ``as_strided`` assuming a contiguous NCHW input, and timm's ConvNeXt hands its depthwise and
     downsampling convs channels-last-strided tensors (after ``permute``), which gave wrong
-    per-sample gradients without an error. ``contiguous()`` is free for contiguous inputs."""
-    return _opacus_conv_grad_sample(layer, [activations[0].contiguous(), *activations[1:]], backprops)
+    per-sample gradients without an error. ``contiguous()`` is not enough: for a map with size-1
+    dims (e.g. 1×1) a channels-last tensor already counts as contiguous, yet ``F.pad`` keeps its
+    layout, so the strides are compared with the canonical ones and the tensor copied if they differ."""
+    x = activations[0]
+    if x.stride() != _contiguous_strides(x.shape):
+        x = x.clone(memory_format=torch.contiguous_format)
+    return _opacus_conv_grad_sample(layer, [x, *activations[1:]], backprops)
+
+
+def _contiguous_strides(shape: torch.Size) -> tuple[int, ...]:
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= size
+    return tuple(reversed(strides))
 
 
 @register_grad_sampler(nn.ConvTranspose2d)

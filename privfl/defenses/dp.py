@@ -1,0 +1,375 @@
+"""Differential-privacy mechanisms on model updates: clipping, Gaussian and Laplace noise, FedDP.
+
+The unit of privacy here is one **client** (client-level DP, as in DP-FedAvg, McMahan et al.
+2018): two neighbouring rounds differ in one sampled client's update being present or replaced by
+zero, with the aggregation weights (derived from public dataset sizes) fixed. Every mechanism
+clips each client's update to its L2 (Gaussian) or L1 (Laplace) sensitivity *itself*, so the
+sensitivity its noise is calibrated to holds whatever comes before it.
+
+Noise placement for the Gaussian mechanism, with clip norm ``C``, noise multiplier ``z`` and
+aggregation weights ``w`` (summing to 1):
+
+* ``local`` — each client adds ``N(0, (zC)^2)`` to its clipped update before sending it. Every
+  payload is itself ``z``-private, so an untrusted server learns no more than the accountant's
+  (ε, δ) about any one client. Utility cost: the mean carries noise ``zC·sqrt(Σ w²)``.
+* ``central`` — clients send clipped updates in the clear; the server adds
+  ``N(0, (z·max(w)·C)^2)`` to the weighted mean (its sensitivity is ``max(w)·C``). Trusts the server.
+* ``distributed`` — each client adds ``N(0, s^2)`` with ``s = z·max(w)·C / sqrt(Σ w²)``, so the
+  weighted mean carries exactly the central noise. Only meaningful when the server sees nothing
+  but the aggregate (secure aggregation or CKKS after it in a :class:`Compose`); without one, each
+  payload is only protected by its own, smaller noise.
+
+Each round the mechanism records one event in its :class:`PrivacyAccountant`
+(``PoissonSampledDpEvent(q, GaussianDpEvent(z))`` or ``LaplaceDpEvent``) after the server
+aggregates; ``before_round`` refuses a round that would exceed ``max_epsilon``.
+
+Noise comes from :class:`~privfl.defenses.rng.SecureNoise` (ChaCha20) unless a seeded source is
+passed explicitly for reproducible experiments; the source's name is in ``describe()``.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import dp_accounting
+import torch
+
+from privfl.defenses.accounting import PrivacyAccountant
+from privfl.defenses.base import Defense, Payload, RoundContext
+from privfl.defenses.calibration import (
+    analytic_gaussian_sigma,
+    check_delta,
+    check_epsilon,
+    check_noise_multiplier,
+    check_sensitivity,
+    classical_gaussian_sigma,
+    laplace_scale,
+)
+from privfl.defenses.rng import NoiseSource, default_noise
+from privfl.updates import InvalidUpdateError, Update, flatten, unflatten, weighted_mean
+
+Placement = Literal["local", "central", "distributed"]
+PLACEMENTS = ("local", "central", "distributed")
+
+
+def _float_vector(update: Update, what: str) -> tuple[torch.Tensor, Any]:
+    """Flatten an all-floating update to float32/float64, rejecting NaN/inf and non-float entries."""
+    if not isinstance(update, dict):
+        raise InvalidUpdateError(f"{what}: expected a dict[str, Tensor] update, got {type(update).__name__}")
+    for k, t in update.items():
+        if not isinstance(t, torch.Tensor):
+            raise InvalidUpdateError(f"{what}: update[{k!r}] is {type(t).__name__}, not a Tensor")
+        if not t.dtype.is_floating_point:
+            raise InvalidUpdateError(
+                f"{what}: update[{k!r}] has dtype {t.dtype}; DP mechanisms only protect floating entries — "
+                "drop integer buffers (e.g. num_batches_tracked) from the update first")
+    vec, spec = flatten(update)
+    if not torch.isfinite(vec).all():
+        bad = [k for k, t in update.items() if not torch.isfinite(t).all()]
+        raise InvalidUpdateError(f"{what}: update has NaN or inf values in {bad[:5]}")
+    return vec, spec
+
+
+def clip_vector(vec: torch.Tensor, max_norm: float, p: float = 2.0) -> torch.Tensor:
+    """``vec · min(1, max_norm / ||vec||_p)`` (direction kept). Computed in float64 for the norm."""
+    norm = float(torch.linalg.vector_norm(vec, ord=p, dtype=torch.float64))
+    if norm <= max_norm:
+        return vec
+    # the factor is rounded down slightly so float rounding cannot push the norm above max_norm
+    return vec * (max_norm / norm * (1 - 4 * torch.finfo(vec.dtype).eps))
+
+
+class ClipUpdate(Defense):
+    """Clip each client's update to L2 norm ``max_norm`` (the update's units, e.g. weight deltas).
+
+    ``per_layer=False`` scales the whole update by ``min(1, C/||u||)``. ``per_layer=True`` clips
+    every entry to ``C/sqrt(L)`` (``L`` = number of entries), so the total norm is still at most
+    ``C`` and downstream noise calibrated to ``C`` stays valid.
+
+    Threat model: none by itself — clipping bounds sensitivity; privacy comes from noise after it.
+    """
+
+    def __init__(self, max_norm: float, per_layer: bool = False):
+        self.max_norm = check_sensitivity(max_norm)
+        self.per_layer = bool(per_layer)
+
+    def protect(self, update: Update, ctx: RoundContext) -> Update:
+        vec, spec = _float_vector(update, "ClipUpdate")
+        if not self.per_layer:
+            return unflatten(clip_vector(vec, self.max_norm), spec)
+        per_entry = self.max_norm / math.sqrt(max(1, len(spec.entries)))
+        pieces = [clip_vector(vec[e.offset:e.offset + e.numel], per_entry) for e in spec.entries]
+        return unflatten(torch.cat(pieces) if pieces else vec, spec)
+
+    def aggregate(self, payloads: Sequence[Payload], ctx: RoundContext) -> Update:
+        return weighted_mean(list(payloads), ctx.weights)
+
+    def __repr__(self) -> str:
+        return f"ClipUpdate(max_norm={self.max_norm}, per_layer={self.per_layer})"
+
+
+class _NoiseMechanism(Defense):
+    """Shared plumbing: noise source, accountant, budget guard, state."""
+
+    placement: str
+
+    def __init__(self, noise: NoiseSource | None, accountant: PrivacyAccountant | None,
+                 max_epsilon: float | None, delta: float):
+        self.noise = noise if noise is not None else default_noise()
+        if not getattr(self.noise, "secure", False):
+            warnings.warn(f"{type(self).__name__}: noise source {self.noise.name!r} is not cryptographically "
+                          "secure — fine for reproducible experiments, not for real deployments", stacklevel=3)
+        if max_epsilon is not None:
+            check_epsilon(max_epsilon)
+            if accountant is not None:
+                raise ValueError("give max_epsilon to the PrivacyAccountant you pass, not to the mechanism")
+        self.accountant = accountant or PrivacyAccountant(max_epsilon=max_epsilon, delta=check_delta(delta))
+
+    def event(self, ctx: RoundContext) -> dp_accounting.DpEvent:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _noise_key(self, ctx: RoundContext) -> tuple:
+        who = "server" if ctx.client_id is None else ctx.client_id
+        return (type(self).__name__, ctx.round, who)
+
+    def before_round(self, ctx: RoundContext) -> None:
+        self.accountant.check_budget(self.event(ctx))
+
+    def aggregate(self, payloads: Sequence[Payload], ctx: RoundContext) -> Update:
+        self.before_round(ctx)
+        return self.finalize(weighted_mean(list(payloads), ctx.weights), ctx)
+
+    def finalize(self, mean_update: Update, ctx: RoundContext) -> Update:
+        event = self.event(ctx)
+        self.accountant.check_budget(event)
+        out = self._server_noise(mean_update, ctx)
+        self.accountant.record(event)
+        return out
+
+    # subclasses: the norm they clip in, where clients add noise, the clip bound and the noise draw
+    _norm_ord: float = 2.0
+    _client_noise_placements: tuple[str, ...] = ("local",)
+
+    def _clip_bound(self) -> float:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _sample(self, vec: torch.Tensor, ctx: RoundContext) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def protect(self, update: Update, ctx: RoundContext) -> Update:
+        vec, spec = _float_vector(update, type(self).__name__)
+        vec = clip_vector(vec, self._clip_bound(), p=self._norm_ord)
+        if self.placement in self._client_noise_placements:
+            vec = vec + self._sample(vec, ctx)
+        return unflatten(vec, spec)
+
+    def _server_noise(self, mean_update: Update, ctx: RoundContext) -> Update:
+        if self.placement != "central":
+            return mean_update
+        vec, spec = _float_vector(mean_update, f"{type(self).__name__} (server)")
+        return unflatten(vec + self._sample(vec, ctx), spec)
+
+    def epsilon(self, delta: float | None = None):
+        """The (ε, δ) spent so far, from the accountant (tightest valid bound)."""
+        return self.accountant.epsilon(delta)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"accountant": self.accountant.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "accountant" in state:
+            self.accountant.load_state_dict(state["accountant"])
+
+
+class GaussianMechanism(_NoiseMechanism):
+    """Clip each client's update to L2 norm ``sensitivity`` (C) and add Gaussian noise.
+
+    Give either ``noise_multiplier`` (z: noise std = z·C on the aggregate's scale, see the module
+    docstring for placements) or ``epsilon`` and ``delta`` for one release, calibrated by the
+    analytic Gaussian mechanism (Balle & Wang 2018; ``calibration="classical"`` uses
+    ``sqrt(2 ln(1.25/δ))/ε`` and is refused for ε >= 1 where it is not proven). Per-round ε, δ do
+    not compose linearly over rounds: the accountant reports the total.
+
+    ``sensitivity`` may be omitted inside :class:`Compose` after a :class:`ClipUpdate`, whose
+    ``max_norm`` it then uses.
+
+    Threat model: ``local`` — nobody is trusted with a client's update; ``central`` — the server
+    is trusted (it sees clipped updates in the clear), outsiders and later users of the model are
+    not; ``distributed`` — the server sees only the sum (secure aggregation required).
+    What leaks: everything the accountant's (ε, δ) allows, per client, over all recorded rounds.
+    """
+
+    def __init__(
+        self,
+        noise_multiplier: float | None = None,
+        *,
+        epsilon: float | None = None,
+        delta: float | None = None,
+        sensitivity: float | None = None,
+        placement: Placement = "local",
+        calibration: Literal["analytic", "classical"] = "analytic",
+        noise: NoiseSource | None = None,
+        accountant: PrivacyAccountant | None = None,
+        max_epsilon: float | None = None,
+        accounting_delta: float = 1e-5,
+    ):
+        if placement not in PLACEMENTS:
+            raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
+        if calibration not in ("analytic", "classical"):
+            raise ValueError(f"calibration must be 'analytic' or 'classical', got {calibration!r}")
+        if (noise_multiplier is None) == (epsilon is None):
+            raise ValueError("give exactly one of noise_multiplier or (epsilon, delta)")
+        if noise_multiplier is not None:
+            if delta is not None:
+                raise ValueError("delta calibrates the noise from epsilon; with noise_multiplier use accounting_delta")
+            self.noise_multiplier = check_noise_multiplier(noise_multiplier)
+            self.calibrated_from: tuple[float, float] | None = None
+        else:
+            if delta is None:
+                raise ValueError("epsilon needs a delta to calibrate Gaussian noise")
+            eps, dlt = check_epsilon(epsilon), check_delta(delta)
+            sigma_unit = analytic_gaussian_sigma(eps, dlt, 1.0) if calibration == "analytic" \
+                else classical_gaussian_sigma(eps, dlt, 1.0)
+            self.noise_multiplier = sigma_unit
+            self.calibrated_from = (eps, dlt)
+        self.sensitivity = check_sensitivity(sensitivity) if sensitivity is not None else None
+        self.placement = placement
+        self.calibration = calibration
+        super().__init__(noise, accountant, max_epsilon, accounting_delta)
+        if placement == "distributed":
+            warnings.warn("GaussianMechanism(placement='distributed') protects individual updates only when "
+                          "the server sees nothing but the sum: put SecureAggregation or CKKSAggregation "
+                          "after it", stacklevel=2)
+
+    def bind(self, before: Sequence[Defense], after: Sequence[Defense]) -> None:
+        """Called by :class:`Compose`: inherit C from a preceding ClipUpdate; check distributed noise
+        is followed by an aggregator that hides individual updates."""
+        if self.sensitivity is None:
+            clips = [d for d in before if isinstance(d, ClipUpdate)]
+            if clips:
+                self.sensitivity = clips[-1].max_norm
+        if self.placement == "distributed" and not any(d.hides_individual_updates for d in after):
+            warnings.warn("distributed Gaussian noise without a secure aggregator after it: the server sees "
+                          "each client's update with only its share of the noise", stacklevel=3)
+
+    @property
+    def clip_norm(self) -> float:
+        if self.sensitivity is None:
+            raise ValueError("GaussianMechanism needs sensitivity= (the L2 clip norm C), or a ClipUpdate "
+                             "before it in a Compose")
+        return self.sensitivity
+
+    def event(self, ctx: RoundContext) -> dp_accounting.DpEvent:
+        gaussian = dp_accounting.GaussianDpEvent(self.noise_multiplier)
+        if ctx.sampling_rate < 1:
+            return dp_accounting.PoissonSampledDpEvent(ctx.sampling_rate, gaussian)
+        return gaussian
+
+    def noise_std(self, ctx: RoundContext) -> float:
+        """Std of the noise this party adds in ``ctx`` (client side if ``ctx.client_id`` is set),
+        in the update's units."""
+        c = self.clip_norm
+        w = ctx.weights
+        if self.placement == "local":
+            return self.noise_multiplier * c
+        central = self.noise_multiplier * max(w) * c
+        if self.placement == "central":
+            return central
+        return central / math.sqrt(sum(x * x for x in w))
+
+    _client_noise_placements = ("local", "distributed")
+
+    def _clip_bound(self) -> float:
+        return self.clip_norm
+
+    def _sample(self, vec: torch.Tensor, ctx: RoundContext) -> torch.Tensor:
+        return self.noise.gaussian(vec.shape, self.noise_std(ctx), key=self._noise_key(ctx), dtype=vec.dtype,
+                                   device=vec.device)
+
+    def __repr__(self) -> str:
+        return (f"GaussianMechanism(noise_multiplier={self.noise_multiplier:.6g}, sensitivity={self.sensitivity}, "
+                f"placement={self.placement!r}, noise={self.noise.name!r})")
+
+
+class LaplaceMechanism(_NoiseMechanism):
+    """Clip each client's update to **L1** norm ``sensitivity`` (Δ₁) and add Laplace noise with scale
+    ``b = Δ₁/ε`` per coordinate: pure ε-DP per release (δ = 0), composed over rounds by the
+    accountant.
+
+    Placement ``local`` (each client noises its own update) or ``central`` (the server noises the
+    weighted mean with ``b = max(w)·Δ₁/ε``). The L1 norm of a whole model update is large, so this
+    mechanism is for small updates and for comparison; the Gaussian mechanism scales far better.
+
+    Threat model: as :class:`GaussianMechanism` for the same placement.
+    """
+
+    def __init__(self, epsilon: float, sensitivity: float, *, placement: Literal["local", "central"] = "local",
+                 noise: NoiseSource | None = None, accountant: PrivacyAccountant | None = None,
+                 max_epsilon: float | None = None, accounting_delta: float = 1e-5):
+        if placement not in ("local", "central"):
+            raise ValueError(f"LaplaceMechanism placement must be 'local' or 'central', got {placement!r}")
+        self.epsilon_per_round = check_epsilon(epsilon)
+        self.sensitivity = check_sensitivity(sensitivity)
+        self.placement = placement
+        super().__init__(noise, accountant, max_epsilon, accounting_delta)
+
+    def event(self, ctx: RoundContext) -> dp_accounting.DpEvent:
+        laplace = dp_accounting.LaplaceDpEvent(1.0 / self.epsilon_per_round)  # scale / L1 sensitivity
+        if ctx.sampling_rate < 1:
+            return dp_accounting.PoissonSampledDpEvent(ctx.sampling_rate, laplace)
+        return laplace
+
+    def scale(self, ctx: RoundContext) -> float:
+        """Laplace scale ``b`` this party uses, in the update's units."""
+        b = laplace_scale(self.epsilon_per_round, self.sensitivity)
+        return b if self.placement == "local" else b * max(ctx.weights)
+
+    _norm_ord = 1.0
+
+    def _clip_bound(self) -> float:
+        return self.sensitivity
+
+    def _sample(self, vec: torch.Tensor, ctx: RoundContext) -> torch.Tensor:
+        return self.noise.laplace(vec.shape, self.scale(ctx), key=self._noise_key(ctx), dtype=vec.dtype,
+                                  device=vec.device)
+
+    def __repr__(self) -> str:
+        return (f"LaplaceMechanism(epsilon={self.epsilon_per_round}, sensitivity={self.sensitivity}, "
+                f"placement={self.placement!r}, noise={self.noise.name!r})")
+
+
+class FedDPNoise(GaussianMechanism):
+    """FedDP's Eq. 11 exactly: each client clips its update to L2 norm ``clip`` (C) and adds
+    ``N(0, sigma^2)`` per coordinate — ``sigma`` is an **absolute** std in the update's units, so
+    the noise multiplier is ``z = sigma / C``.
+
+    The FedDP paper states ε = C/σ (its Eq. 14). That is not a differential-privacy guarantee: it
+    ignores δ, the Gaussian tail and the composition over rounds. :attr:`paper_epsilon` returns the
+    paper's number for comparison; :meth:`epsilon` returns the (ε, δ) the accountant proves.
+
+    Threat model: local DP, as ``GaussianMechanism(placement="local")``.
+    """
+
+    def __init__(self, sigma: float, clip: float, *, noise: NoiseSource | None = None,
+                 accountant: PrivacyAccountant | None = None, max_epsilon: float | None = None,
+                 accounting_delta: float = 1e-5):
+        if not (isinstance(sigma, (int, float)) and math.isfinite(sigma) and sigma > 0):
+            raise ValueError(f"FedDPNoise: sigma must be a positive finite std, got {sigma!r}")
+        clip = check_sensitivity(clip)
+        self.sigma = float(sigma)
+        super().__init__(self.sigma / clip, sensitivity=clip, placement="local", noise=noise,
+                         accountant=accountant, max_epsilon=max_epsilon, accounting_delta=accounting_delta)
+
+    def bind(self, before: Sequence[Defense], after: Sequence[Defense]) -> None:
+        return None  # C is part of Eq. 11; never inherited
+
+    @property
+    def paper_epsilon(self) -> float:
+        """FedDP's Eq. 14, ε = C/σ — **not** a DP guarantee; shown only for comparison."""
+        return self.clip_norm / self.sigma
+
+    def __repr__(self) -> str:
+        return f"FedDPNoise(sigma={self.sigma}, clip={self.sensitivity}, noise={self.noise.name!r})"
