@@ -37,6 +37,7 @@ import torch
 __all__ = [
     "Update",
     "InvalidUpdateError",
+    "flatten_floating",
     "SpecEntry",
     "UpdateSpec",
     "flatten",
@@ -628,3 +629,23 @@ def to(
         else:
             out[k] = t.to(device=device)
     return out
+
+
+def flatten_floating(update: object, what: str, *, finite: bool = True) -> tuple[torch.Tensor, UpdateSpec]:
+    """:func:`flatten` for privacy defenses: ``update`` must be a ``dict[str, Tensor]`` of floating
+    entries only (integer buffers would pass unprotected) and, with ``finite``, free of NaN/inf.
+    ``what`` names the caller in the :class:`InvalidUpdateError` messages."""
+    if not isinstance(update, dict):
+        raise InvalidUpdateError(f"{what}: expected a dict[str, Tensor] update, got {type(update).__name__}")
+    for k, t in update.items():
+        if not isinstance(t, torch.Tensor):
+            raise InvalidUpdateError(f"{what}: update[{k!r}] is {type(t).__name__}, not a Tensor")
+        if not t.dtype.is_floating_point:
+            raise InvalidUpdateError(
+                f"{what}: update[{k!r}] has dtype {t.dtype}; only floating entries are protected — "
+                "drop integer/bool buffers (e.g. num_batches_tracked) from the update first")
+    vec, spec = flatten(update)
+    if finite and not bool(torch.isfinite(vec).all()):
+        bad = [k for k, t in update.items() if not bool(torch.isfinite(t).all())]
+        raise InvalidUpdateError(f"{what}: update has NaN or inf values in {bad[:5]}")
+    return vec, spec

@@ -16,6 +16,8 @@ SUBCOMMANDS = {
     "feddp": ("privfl.bench.feddp", "FedDP's Eq. 11 noise with the (epsilon, delta) an accountant proves"),
     "epsilon": ("privfl.bench.epsilon", "privacy calculator: epsilon per accountant, calibration, noise scale"),
     "noise": ("privfl.bench.noise", "secure vs seeded DP noise throughput"),
+    "he": ("privfl.bench.he", "CKKS aggregation: time, bytes and error vs the per-layer TenSEAL recipe"),
+    "secagg": ("privfl.bench.secagg", "secure aggregation: masking time, bytes, dropouts vs RandomState masks"),
     "train-throughput": ("privfl.bench.throughput", "training throughput and peak memory per model"),
 }
 

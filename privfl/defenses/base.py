@@ -9,8 +9,10 @@ so it drops into any FL loop::
     payloads = [defense.protect(update_i, ctx.for_client(i)) for i, update_i in zip(ids, updates)]
     mean_update = defense.aggregate(payloads, ctx)
 
-A round is: ``before_round(ctx)`` (budget checks; raises before any work is done) ->
-``protect`` on every sampled client -> ``aggregate`` once on the server.
+A round is: ``before_round(ctx)`` on the server (budget checks, key set-up; raises before any
+work is done) -> on every sampled client ``personalize`` (the state it trains from), local
+training, ``protect`` -> ``aggregate`` once on the server. Keys missing from the aggregate (e.g.
+parameters kept local by partial sharing) leave the global state unchanged.
 """
 
 from __future__ import annotations
@@ -95,7 +97,14 @@ class Defense(ABC):
     @abstractmethod
     def aggregate(self, payloads: Sequence[Payload], ctx: RoundContext) -> Update:
         """Server side: combine the sampled clients' payloads (in ``ctx.sampled`` order) into the
-        weighted mean update."""
+        weighted mean update. A ``None`` payload marks a client that dropped out before sending;
+        defenses that cannot tolerate dropouts raise."""
+
+    def personalize(self, global_state: Update, ctx: RoundContext) -> Update:
+        """Client side, before local training: the state client ``ctx.client_id`` trains from.
+        Default: the global state. :class:`~privfl.defenses.partial.PartialSharing` puts back the
+        parameters the client kept local. Must not mutate ``global_state``."""
+        return global_state
 
     def finalize(self, mean_update: Update, ctx: RoundContext) -> Update:
         """Server side, used by :class:`Compose` for every stage except the last (which aggregates):
@@ -123,6 +132,15 @@ class NoDefense(Defense):
 
     def aggregate(self, payloads: Sequence[Payload], ctx: RoundContext) -> Update:
         return weighted_mean(list(payloads), ctx.weights)
+
+
+def with_survivors(ctx: RoundContext, payloads: Sequence[Payload]) -> RoundContext:
+    """``ctx`` with ``extra["survivors"]``: the sampled clients whose payload arrived (not ``None``).
+    Noise stages use it to account what the survivors' aggregate really carries."""
+    if len(payloads) != len(ctx.sampled):
+        raise ValueError(f"{len(payloads)} payloads for {len(ctx.sampled)} sampled clients")
+    survivors = tuple(c for c, p in zip(ctx.sampled, payloads) if p is not None)
+    return replace(ctx, extra={**ctx.extra, "survivors": survivors})
 
 
 class Compose(Defense):
@@ -174,6 +192,11 @@ class Compose(Defense):
         for stage in self.stages:
             stage.before_round(ctx)
 
+    def personalize(self, global_state: Update, ctx: RoundContext) -> Update:
+        for stage in self.stages:
+            global_state = stage.personalize(global_state, ctx)
+        return global_state
+
     def protect(self, update: Update, ctx: RoundContext) -> Payload:
         payload: Payload = update
         for i, stage in enumerate(self.stages):
@@ -187,6 +210,7 @@ class Compose(Defense):
     def aggregate(self, payloads: Sequence[Payload], ctx: RoundContext) -> Update:
         for stage in self.stages:
             stage.before_round(ctx)  # no partial round: refuse before anything is aggregated
+        ctx = with_survivors(ctx, payloads)
         mean_update = self.stages[-1].aggregate(payloads, ctx)
         for stage in reversed(self.stages[:-1]):
             mean_update = stage.finalize(mean_update, ctx)

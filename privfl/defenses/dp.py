@@ -49,28 +49,10 @@ from privfl.defenses.calibration import (
     laplace_scale,
 )
 from privfl.defenses.rng import NoiseSource, default_noise
-from privfl.updates import InvalidUpdateError, Update, flatten, unflatten, weighted_mean
+from privfl.updates import Update, flatten_floating, unflatten, weighted_mean
 
 Placement = Literal["local", "central", "distributed"]
 PLACEMENTS = ("local", "central", "distributed")
-
-
-def _float_vector(update: Update, what: str) -> tuple[torch.Tensor, Any]:
-    """Flatten an all-floating update to float32/float64, rejecting NaN/inf and non-float entries."""
-    if not isinstance(update, dict):
-        raise InvalidUpdateError(f"{what}: expected a dict[str, Tensor] update, got {type(update).__name__}")
-    for k, t in update.items():
-        if not isinstance(t, torch.Tensor):
-            raise InvalidUpdateError(f"{what}: update[{k!r}] is {type(t).__name__}, not a Tensor")
-        if not t.dtype.is_floating_point:
-            raise InvalidUpdateError(
-                f"{what}: update[{k!r}] has dtype {t.dtype}; DP mechanisms only protect floating entries — "
-                "drop integer buffers (e.g. num_batches_tracked) from the update first")
-    vec, spec = flatten(update)
-    if not torch.isfinite(vec).all():
-        bad = [k for k, t in update.items() if not torch.isfinite(t).all()]
-        raise InvalidUpdateError(f"{what}: update has NaN or inf values in {bad[:5]}")
-    return vec, spec
 
 
 def clip_vector(vec: torch.Tensor, max_norm: float, p: float = 2.0) -> torch.Tensor:
@@ -80,6 +62,14 @@ def clip_vector(vec: torch.Tensor, max_norm: float, p: float = 2.0) -> torch.Ten
         return vec
     # the factor is rounded down slightly so float rounding cannot push the norm above max_norm
     return vec * (max_norm / norm * (1 - 4 * torch.finfo(vec.dtype).eps))
+
+
+def _survivor_weights(ctx: RoundContext) -> list[float]:
+    """Aggregation weights of the clients whose payload arrived (all sampled ones if unknown)."""
+    survivors = ctx.extra.get("survivors")
+    if survivors is None:
+        return list(ctx.weights)
+    return [ctx.weight_of(c) for c in survivors]
 
 
 class ClipUpdate(Defense):
@@ -97,7 +87,7 @@ class ClipUpdate(Defense):
         self.per_layer = bool(per_layer)
 
     def protect(self, update: Update, ctx: RoundContext) -> Update:
-        vec, spec = _float_vector(update, "ClipUpdate")
+        vec, spec = flatten_floating(update, "ClipUpdate")
         if not self.per_layer:
             return unflatten(clip_vector(vec, self.max_norm), spec)
         per_entry = self.max_norm / math.sqrt(max(1, len(spec.entries)))
@@ -160,7 +150,7 @@ class _NoiseMechanism(Defense):
         raise NotImplementedError
 
     def protect(self, update: Update, ctx: RoundContext) -> Update:
-        vec, spec = _float_vector(update, type(self).__name__)
+        vec, spec = flatten_floating(update, type(self).__name__)
         vec = clip_vector(vec, self._clip_bound(), p=self._norm_ord)
         if self.placement in self._client_noise_placements:
             vec = vec + self._sample(vec, ctx)
@@ -169,7 +159,7 @@ class _NoiseMechanism(Defense):
     def _server_noise(self, mean_update: Update, ctx: RoundContext) -> Update:
         if self.placement != "central":
             return mean_update
-        vec, spec = _float_vector(mean_update, f"{type(self).__name__} (server)")
+        vec, spec = flatten_floating(mean_update, f"{type(self).__name__} (server)")
         return unflatten(vec + self._sample(vec, ctx), spec)
 
     def epsilon(self, delta: float | None = None):
@@ -239,10 +229,6 @@ class GaussianMechanism(_NoiseMechanism):
         self.placement = placement
         self.calibration = calibration
         super().__init__(noise, accountant, max_epsilon, accounting_delta)
-        if placement == "distributed":
-            warnings.warn("GaussianMechanism(placement='distributed') protects individual updates only when "
-                          "the server sees nothing but the sum: put SecureAggregation or CKKSAggregation "
-                          "after it", stacklevel=2)
 
     def bind(self, before: Sequence[Defense], after: Sequence[Defense]) -> None:
         """Called by :class:`Compose`: inherit C from a preceding ClipUpdate; check distributed noise
@@ -255,6 +241,13 @@ class GaussianMechanism(_NoiseMechanism):
             warnings.warn("distributed Gaussian noise without a secure aggregator after it: the server sees "
                           "each client's update with only its share of the noise", stacklevel=3)
 
+    def aggregate(self, payloads: Sequence[Payload], ctx: RoundContext) -> Update:
+        if self.placement == "distributed":  # aggregating itself: the payloads were seen in the clear
+            warnings.warn("GaussianMechanism(placement='distributed') aggregated in the clear: each client's "
+                          "update carried only its share of the noise. Put SecureAggregation or "
+                          "CKKSAggregation after it in a Compose", stacklevel=2)
+        return super().aggregate(payloads, ctx)
+
     @property
     def clip_norm(self) -> float:
         if self.sensitivity is None:
@@ -262,8 +255,20 @@ class GaussianMechanism(_NoiseMechanism):
                              "before it in a Compose")
         return self.sensitivity
 
+    def effective_noise_multiplier(self, ctx: RoundContext) -> float:
+        """The z the round's aggregate really carries. Equals ``noise_multiplier`` unless clients
+        dropped (``ctx.extra["survivors"]``, set by :class:`Compose`) under distributed placement:
+        each client added noise sized for all sampled clients, so the survivors' renormalised mean
+        carries ``z · (max w / sqrt(Σ w²)) · (sqrt(Σ w_s²) / max w_s)`` — less noise, larger ε."""
+        survivors = _survivor_weights(ctx)
+        if self.placement != "distributed" or len(survivors) == len(ctx.weights) or not survivors:
+            return self.noise_multiplier
+        w, ws = ctx.weights, survivors
+        return (self.noise_multiplier * max(w) / math.sqrt(sum(x * x for x in w))
+                * math.sqrt(sum(x * x for x in ws)) / max(ws))
+
     def event(self, ctx: RoundContext) -> dp_accounting.DpEvent:
-        gaussian = dp_accounting.GaussianDpEvent(self.noise_multiplier)
+        gaussian = dp_accounting.GaussianDpEvent(self.effective_noise_multiplier(ctx))
         if ctx.sampling_rate < 1:
             return dp_accounting.PoissonSampledDpEvent(ctx.sampling_rate, gaussian)
         return gaussian
@@ -275,10 +280,10 @@ class GaussianMechanism(_NoiseMechanism):
         w = ctx.weights
         if self.placement == "local":
             return self.noise_multiplier * c
-        central = self.noise_multiplier * max(w) * c
-        if self.placement == "central":
-            return central
-        return central / math.sqrt(sum(x * x for x in w))
+        if self.placement == "central":  # server side: the survivors' renormalised weights
+            ws = _survivor_weights(ctx)
+            return self.noise_multiplier * max(ws) / sum(ws) * c
+        return self.noise_multiplier * max(w) * c / math.sqrt(sum(x * x for x in w))
 
     _client_noise_placements = ("local", "distributed")
 
@@ -325,7 +330,10 @@ class LaplaceMechanism(_NoiseMechanism):
     def scale(self, ctx: RoundContext) -> float:
         """Laplace scale ``b`` this party uses, in the update's units."""
         b = laplace_scale(self.epsilon_per_round, self.sensitivity)
-        return b if self.placement == "local" else b * max(ctx.weights)
+        if self.placement == "local":
+            return b
+        ws = _survivor_weights(ctx)  # server side: the survivors' renormalised weights
+        return b * max(ws) / sum(ws)
 
     _norm_ord = 1.0
 

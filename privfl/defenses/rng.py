@@ -52,7 +52,6 @@ import os
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -61,6 +60,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from torch import Tensor
 
 from privfl.fl.seeding import derive_seed
+from privfl.parallel import run_blocks
 
 __all__ = ["NoiseSource", "SecureNoise", "SeededNoise", "default_noise"]
 
@@ -233,29 +233,17 @@ class SecureNoise(NoiseSource):
         out = torch.empty(m, dtype=dtype).numpy()
         key, call = self._new_call()
         zeros = bytes(c * np.dtype(word).itemsize)  # calloc'd zero pages: costs no real memory
-        todo = itertools.count()  # next() is atomic under the GIL: a lock-free work queue
-
-        def worker() -> None:
-            words = np.empty(c, dtype=word)
-            scratch = np.empty(c, dtype=word)
+        def work(i: int, bufs: tuple[np.ndarray, np.ndarray]) -> None:
+            words, scratch = bufs
             raw = words.view(np.uint8)
-            while (i := next(todo)) < n_chunks:
-                start = i * c
-                size = min(c, m - start)
-                nonce = bytes(4) + call.to_bytes(8, "little") + i.to_bytes(4, "little")
-                enc = Cipher(algorithms.ChaCha20(key, nonce), mode=None).encryptor()
-                enc.update_into(memoryview(zeros)[: size * words.itemsize], raw[: size * words.itemsize])
-                chunk_fn(out[start:start + size], words[:size], scratch[:size])
+            start = i * c
+            size = min(c, m - start)
+            nonce = bytes(4) + call.to_bytes(8, "little") + i.to_bytes(4, "little")
+            enc = Cipher(algorithms.ChaCha20(key, nonce), mode=None).encryptor()
+            enc.update_into(memoryview(zeros)[: size * words.itemsize], raw[: size * words.itemsize])
+            chunk_fn(out[start:start + size], words[:size], scratch[:size])
 
-        workers = min(self.threads or torch.get_num_threads(), n_chunks)
-        if workers <= 1:
-            worker()
-        else:
-            with ThreadPoolExecutor(workers - 1, thread_name_prefix="SecureNoise") as pool:
-                helpers = [pool.submit(worker) for _ in range(workers - 1)]
-                worker()
-                for h in helpers:
-                    h.result()
+        run_blocks(n_chunks, work, lambda: (np.empty(c, dtype=word), np.empty(c, dtype=word)), self.threads)
         return out
 
     def _gaussian(self, n: int, std: float, key: tuple, dtype: torch.dtype) -> Tensor:

@@ -1,11 +1,14 @@
 """``run_federated``: the FedAvg round loop.
 
-Data flows one way each round: server samples clients → each client trains and computes its
-delta → ``defense.protect`` → server ``defense.aggregate`` → global state updated → metrics.
+Data flows one way each round: server samples clients (``defense.before_round``) → each client
+starts from ``defense.personalize(global state)``, trains and computes its delta →
+``defense.protect`` → server ``defense.aggregate`` → global state updated → metrics (per-client
+validation on the personalized model, the pooled test split on the global model).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -53,6 +56,17 @@ def _privacy_record(defense: Defense) -> dict[str, Any] | None:
     report = accountant.epsilon()
     return {"epsilon": report.epsilon, "delta": report.delta, "accountant": report.accountant,
             "rounds_accounted": accountant.steps}
+
+
+def _defense_reports(defense: Defense) -> dict[str, Any] | None:
+    """Per-round reports of the stages that keep one (``last_report``: bytes on the wire, error, …)."""
+    stages = getattr(defense, "stages", (defense,))
+    reports = {}
+    for i, stage in enumerate(stages):
+        report = getattr(stage, "last_report", None)
+        if dataclasses.is_dataclass(report) and not isinstance(report, type):
+            reports[f"{i}:{type(stage).__name__}"] = dataclasses.asdict(report)
+    return reports or None
 
 
 def _fit_dp_sgd(client: Client, model: nn.Module, global_state: Update, dp: DPSGD, round_idx: int, rounds: int,
@@ -144,9 +158,10 @@ def run_federated(
             privacy events are checkpointed and its ε reported per round.
 
     Each history record has ``round``, ``sampled``, ``train_loss`` (sample-weighted mean),
-    ``client_loss``, ``update_norm`` (L2 of the aggregated update), ``privacy`` (``epsilon``, ``delta``,
+    ``client_loss``, ``update_norm`` (L2 of the aggregated update; keys kept local are absent), ``privacy`` (``epsilon``, ``delta``,
     ``accountant`` so far, or ``None`` without an accountant), ``sample_privacy`` (with ``dp_sgd``:
-    ``epsilon`` = the largest client ε at ``delta``, ``per_client``), ``val`` (per client metrics),
+    ``epsilon`` = the largest client ε at ``delta``, ``per_client``), ``defense_report`` (stages'
+    ``last_report``, e.g. CKKS / secure-aggregation bytes per client and error), ``val`` (per client metrics),
     ``test`` (pooled metrics, or ``None``) and ``seconds``.
     """
     if rounds < 1:
@@ -203,21 +218,23 @@ def run_federated(
             payloads, losses = [], {}
             bar.reset(t_clients, total=len(sampled))
             for cid in sampled:
+                start_state = defense.personalize(server.global_state, ctx.for_client(cid))
                 if dp_sgd is None:
-                    delta, losses[cid] = clients[cid].fit(model, server.global_state, r, rounds, fabric, seed)
+                    delta, losses[cid] = clients[cid].fit(model, start_state, r, rounds, fabric, seed)
                 else:
-                    delta, losses[cid] = _fit_dp_sgd(clients[cid], model, server.global_state, dp_sgd, r, rounds,
-                                                     seed, fabric, dp_histories)
+                    delta, losses[cid] = _fit_dp_sgd(clients[cid], model, start_state, dp_sgd, r, rounds, seed,
+                                                     fabric, dp_histories)
                 payloads.append(defense.protect(delta, ctx.for_client(cid)))
                 del delta  # the defense has seen it: the loop never touches it again
                 bar.advance(t_clients)
             mean_update = server.aggregate(payloads, ctx)
 
-            load_state(model, server.global_state)
             val = {}
-            for cid in sampled:
+            for cid in sampled:  # each client evaluates the model it would train from next round
                 if splits[cid][1] is not None and len(splits[cid][1]) > 0:
+                    load_state(model, defense.personalize(server.global_state, ctx.for_client(cid)))
                     val[cid] = evaluate(model, splits[cid][1], num_classes, fabric, eval_batch_size).to_dict()
+            load_state(model, server.global_state)
             test = evaluate(model, test_data, num_classes, fabric, eval_batch_size).to_dict() if test_data else None
             record = {
                 "round": r,
@@ -227,6 +244,7 @@ def run_federated(
                 "update_norm": global_l2_norm(mean_update),
                 "privacy": _privacy_record(defense),
                 "sample_privacy": _sample_privacy_record(dp_sgd, dp_histories),
+                "defense_report": _defense_reports(defense),
                 "val": {str(c): v for c, v in val.items()},
                 "test": test,
                 "seconds": time.perf_counter() - t0,

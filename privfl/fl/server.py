@@ -42,8 +42,10 @@ class Server:
         return RoundContext(round_idx, self.num_clients, tuple(sampled), weights, None, self.seed)
 
     def aggregate(self, payloads: Sequence[Payload], ctx: RoundContext) -> Update:
-        """Combine payloads with the defense and apply the mean update to the global state."""
+        """Combine payloads with the defense and apply the mean update to the global state (entries
+        missing from the aggregate are left unchanged)."""
         mean_update = self.defense.aggregate(payloads, ctx)
-        validate(mean_update, self.global_state)
-        self.global_state = apply(self.global_state, mean_update)
+        # keys absent from the aggregate (kept local by partial sharing) stay as they are
+        validate(mean_update, self.global_state, allow_missing=True)
+        self.global_state = apply(self.global_state, mean_update, allow_missing=True)
         return mean_update
