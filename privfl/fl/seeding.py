@@ -18,7 +18,8 @@ def derive_seed(*parts: int | str) -> int:
     The number of parts is mixed in first: ``SeedSequence`` ignores trailing zero words, which
     would otherwise make ``(5,)`` and ``(5, 0)`` the same seed."""
     words = [len(parts)] + [zlib.crc32(p.encode()) if isinstance(p, str) else int(p) for p in parts]
-    return int(np.random.SeedSequence(words).generate_state(2, dtype=np.uint32).astype(np.uint64) @ [1 << 31, 1])
+    hi, lo = (int(x) for x in np.random.SeedSequence(words).generate_state(2, dtype=np.uint32))
+    return ((hi << 32) | lo) & ((1 << 63) - 1)  # Python ints: numpy would promote uint64 @ int to float64
 
 
 def torch_generator(*parts: int | str) -> torch.Generator:
