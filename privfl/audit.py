@@ -54,6 +54,7 @@ __all__ = [
     "AuditResult",
     "audit_defense",
     "audit_mechanism",
+    "choose_threshold",
     "clopper_pearson",
     "epsilon_lower_bound",
 ]
@@ -275,18 +276,21 @@ def _run_trials(
     return s0, s1
 
 
-def _choose_threshold(a: np.ndarray, b: np.ndarray, delta: float, confidence: float) -> tuple[float, int]:
-    """Threshold and direction maximising ε_LB on the selection half.
+def choose_threshold(a: np.ndarray, b: np.ndarray, delta: float, confidence: float = 0.95,
+                     directions: tuple[int, ...] = (1, -1)) -> tuple[float, int]:
+    """Threshold and direction of the test "guess ``b`` (x1, member) if direction·s > t" that
+    maximises the ε lower bound on these samples (``a``: scores under x0, ``b``: under x1).
 
     Every observed value (and −∞) is a candidate for "guess x1 if direction·s > t". Candidates are
     scored with the Clopper–Pearson upper bounds of this half (the same correction the final bound
     gets): raw point estimates would score any threshold with zero errors on one side as ε = ∞ and
-    pick a degenerate one. The held-out half never influences the choice, so the final bound stays
-    valid whatever this heuristic does.
+    pick a degenerate one. Select on one half of the data and bound on the other: a bound computed
+    on the samples that chose the threshold is optimistic. In :func:`audit_mechanism` the held-out
+    half never influences the choice, so the final bound stays valid whatever this heuristic does.
     """
     best = (-1.0, 0.0, 1)
     na, nb = len(a), len(b)
-    for direction in (1, -1):
+    for direction in directions:
         sa, sb = np.sort(direction * a), np.sort(direction * b)
         cand = np.concatenate(([-np.inf], np.unique(np.concatenate((sa, sb)))))
         fp = na - np.searchsorted(sa, cand, side="right")
@@ -404,7 +408,7 @@ def audit_mechanism(
     p1 = torch.randperm(trials, generator=split).numpy()
     sel0, ev0 = s0[p0[:half]], s0[p0[half:]]
     sel1, ev1 = s1[p1[:half]], s1[p1[half:]]
-    threshold, sign = _choose_threshold(sel0, sel1, delta, confidence)
+    threshold, sign = choose_threshold(sel0, sel1, delta, confidence)
 
     n_eval = trials - half
     fp = int(np.count_nonzero(sign * ev0 > threshold))

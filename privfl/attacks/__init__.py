@@ -1,1 +1,68 @@
-"""Attacks that test privfl's defenses: gradient inversion, membership inference, and their metrics."""
+"""Attacks that test privfl's defenses: gradient inversion, membership inference, and their metrics.
+
+* :mod:`privfl.attacks.inversion` — :class:`InvertingGradients` (Geiping et al. 2020) reconstructs
+  a client's images from the update it shared (a gradient or a multi-step FedAvg delta, defended
+  or not); :func:`observe_update` produces ground-truth updates.
+* :mod:`privfl.attacks.membership` — :class:`LossThreshold` (Yeom et al. 2018) and :class:`LiRA`
+  (Carlini et al. 2022) with shadow models trained by privfl's own FL loop.
+* :mod:`privfl.attacks.metrics` — PSNR, SSIM, feature MSE, batch matching; ROC, AUC, TPR at low
+  FPR, log-log ROC plots and the empirical ε lower bound.
+
+Each attack's module docstring states its threat model. See ``docs/attacks.md``.
+"""
+
+from privfl.attacks.inversion import (
+    InversionResult,
+    InvertingGradients,
+    LocalRecipe,
+    observe_update,
+    recover_labels,
+    total_variation,
+)
+from privfl.attacks.membership import (
+    FederatedTrainer,
+    LiRA,
+    LossThreshold,
+    lira_scores,
+    logit_confidence,
+    run_membership_experiment,
+    segmentation_scores,
+)
+from privfl.attacks.metrics import (
+    attack_summary,
+    auc,
+    empirical_epsilon,
+    match_batches,
+    mean_psnr,
+    plot_roc,
+    psnr,
+    roc_curve,
+    ssim,
+    tpr_at_fpr,
+)
+
+__all__ = [
+    "FederatedTrainer",
+    "InversionResult",
+    "InvertingGradients",
+    "LiRA",
+    "LocalRecipe",
+    "LossThreshold",
+    "attack_summary",
+    "auc",
+    "empirical_epsilon",
+    "lira_scores",
+    "logit_confidence",
+    "match_batches",
+    "mean_psnr",
+    "observe_update",
+    "plot_roc",
+    "psnr",
+    "recover_labels",
+    "roc_curve",
+    "run_membership_experiment",
+    "segmentation_scores",
+    "ssim",
+    "total_variation",
+    "tpr_at_fpr",
+]

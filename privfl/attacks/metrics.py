@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from privfl.audit import _cp_upper, _eps_lb, clopper_pearson, epsilon_lower_bound
+from privfl.audit import choose_threshold, clopper_pearson, epsilon_lower_bound
 
 __all__ = [
     "attack_summary",
@@ -448,12 +448,7 @@ def plot_roc(curves: Mapping[str, Sequence[Any]], path: str | Path, loglog: bool
 def _best_threshold(s0: np.ndarray, s1: np.ndarray, delta: float, confidence: float) -> float:
     """Threshold ``t`` of "member iff score > t" maximising ε_LB with Clopper–Pearson upper bounds of
     *these* samples (``s0`` non-member, ``s1`` member scores)."""
-    a, b = np.sort(s0), np.sort(s1)
-    cand = np.r_[-np.inf, np.unique(np.r_[a, b])]
-    fp = a.size - np.searchsorted(a, cand, side="right")
-    fn = np.searchsorted(b, cand, side="right")
-    score = _eps_lb(_cp_upper(fp, a.size, confidence), _cp_upper(fn, b.size, confidence), delta)
-    return float(cand[int(np.argmax(score))])
+    return choose_threshold(s0, s1, delta, confidence, directions=(1,))[0]
 
 
 def _eps_at(s0: np.ndarray, s1: np.ndarray, thr: float, delta: float, confidence: float) -> float:

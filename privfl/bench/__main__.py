@@ -18,6 +18,8 @@ SUBCOMMANDS = {
     "noise": ("privfl.bench.noise", "secure vs seeded DP noise throughput"),
     "he": ("privfl.bench.he", "CKKS aggregation: time, bytes and error vs the per-layer TenSEAL recipe"),
     "secagg": ("privfl.bench.secagg", "secure aggregation: masking time, bytes, dropouts vs RandomState masks"),
+    "inversion": ("privfl.bench.inversion", "Inverting Gradients: iterations/s and PSNR on a fixed case"),
+    "membership": ("privfl.bench.membership", "LiRA and LOSS attacks on an overfitted model, undefended vs DP-SGD"),
     "train-throughput": ("privfl.bench.throughput", "training throughput and peak memory per model"),
 }
 
