@@ -154,3 +154,24 @@ def test_fedavg_learns_on_synthetic_data():
                         val_fraction=0.0, progress=False)
     dice = res.curve("test", "dice")
     assert max(dice[-2:]) > dice[0] + 0.15, dice
+
+
+class _NegativeVariance(Defense):
+    """Pushes every running variance far below zero, as large DP noise on the aggregate can."""
+
+    def protect(self, update: Update, ctx: RoundContext) -> Update:
+        return update
+
+    def aggregate(self, payloads: Sequence, ctx: RoundContext) -> Update:
+        mean = weighted_mean(list(payloads), ctx.weights)
+        return {k: (v - 100.0 if k.endswith("running_var") else v) for k, v in mean.items()}
+
+
+def test_noised_running_variances_are_clamped_so_evaluation_stays_finite():
+    model, clients, test = _setup(2, 4)
+    result = run_federated(model, clients, test, 1, config=CFG, defense=_NegativeVariance(), progress=False,
+                           accelerator="cpu")
+    variances = [v for k, v in result.global_state.items() if k.endswith("running_var")]
+    assert variances and all(bool((v >= 0).all()) for v in variances)
+    assert min(float(v.min()) for v in variances) == 0.0  # clamped, not left at -100 + something
+    assert all(0.0 <= result.history[-1]["test"][m] <= 1.0 for m in ("dice", "jaccard", "accuracy"))

@@ -11,7 +11,8 @@ import sys
 
 # subcommand -> (module with ``add_arguments(parser)`` and ``run(args) -> int``, one-line help)
 SUBCOMMANDS = {
-    "demo": ("privfl.bench.fedavg", "the main demo job on the embedded synthetic data"),
+    "demo": ("privfl.bench.attack_vs_dp", "the main job (attack-vs-dp, cpu-quick) on the embedded synthetic data"),
+    "attack-vs-dp": ("privfl.bench.attack_vs_dp", "privacy, utility and attack success of each defense side by side"),
     "fedavg": ("privfl.bench.fedavg", "FedAvg on the synthetic data: Dice per round"),
     "feddp": ("privfl.bench.feddp", "FedDP's Eq. 11 noise with the (epsilon, delta) an accountant proves"),
     "epsilon": ("privfl.bench.epsilon", "privacy calculator: epsilon per accountant, calibration, noise scale"),
@@ -20,6 +21,8 @@ SUBCOMMANDS = {
     "secagg": ("privfl.bench.secagg", "secure aggregation: masking time, bytes, dropouts vs RandomState masks"),
     "inversion": ("privfl.bench.inversion", "Inverting Gradients: iterations/s and PSNR on a fixed case"),
     "membership": ("privfl.bench.membership", "LiRA and LOSS attacks on an overfitted model, undefended vs DP-SGD"),
+    "fedavg-vs-feddp": ("privfl.bench.fedavg_vs_feddp", "FedDP Table I: centralized / FL / FedDP per model, with proven ε"),
+    "noise-ablation": ("privfl.bench.noise_ablation", "FedDP Table II: Dice over clip C × noise σ, proven ε vs C/σ"),
     "train-throughput": ("privfl.bench.throughput", "training throughput and peak memory per model"),
 }
 

@@ -51,7 +51,10 @@ def console_for(args: Any):
     """Rich console for a subcommand: stderr when ``--json`` so stdout carries only the JSON object."""
     from rich.console import Console
 
-    return Console(stderr=bool(getattr(args, "json", False)))
+    stderr = bool(getattr(args, "json", False))
+    console = Console(stderr=stderr)
+    # logs and pipes get wide tables instead of rich's 80-column default
+    return console if console.is_terminal else Console(stderr=stderr, width=140)
 
 
 def print_json(data: Any) -> None:

@@ -1,4 +1,4 @@
-"""FedAvg on the embedded synthetic data: Dice per round (the demo until attack-vs-dp lands)."""
+"""FedAvg on the embedded synthetic data: Dice per round, no defense (the baseline of attack-vs-dp)."""
 
 from __future__ import annotations
 

@@ -75,6 +75,19 @@ def load_state(model: nn.Module, state: Update) -> None:
             own[k].copy_(v)
 
 
+def clamp_running_variances(model: nn.Module, state: Update) -> Update:
+    """``state`` with every BatchNorm ``running_var`` of ``model`` clamped at 0, in place.
+
+    A noised aggregate (DP) can push a running variance below zero, and a negative variance turns
+    every evaluation into NaN. The noise has already been released, so clamping is post-processing:
+    it changes no privacy guarantee."""
+    for name, module in model.named_modules():
+        key = f"{name}.running_var" if name else "running_var"
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and key in state:
+            state[key].clamp_(min=0.0)
+    return state
+
+
 def scheduled_batches(loader: Iterable, optimizer: torch.optim.Optimizer, config: ClientConfig, round_idx: int,
                       steps: int, total_rounds: int) -> Iterator[tuple[int, Any]]:
     """Yield ``(step, batch)`` for exactly ``steps`` optimizer steps, passing over ``loader`` as often

@@ -22,7 +22,14 @@ from torch.utils.data import Dataset, Subset
 from privfl.data.partition import train_val_split
 from privfl.defenses.base import Defense, NoDefense
 from privfl.fl.checkpoint import CheckpointMismatchError, load_checkpoint, save_checkpoint
-from privfl.fl.client import Augment, Client, ClientConfig, load_state, trainable_state
+from privfl.fl.client import (
+    Augment,
+    Client,
+    ClientConfig,
+    clamp_running_variances,
+    load_state,
+    trainable_state,
+)
 from privfl.fl.device import make_fabric, prepare_model
 from privfl.fl.evaluate import evaluate
 from privfl.fl.seeding import derive_seed
@@ -228,6 +235,7 @@ def run_federated(
                 del delta  # the defense has seen it: the loop never touches it again
                 bar.advance(t_clients)
             mean_update = server.aggregate(payloads, ctx)
+            clamp_running_variances(model, server.global_state)  # DP noise can make a variance negative
 
             val = {}
             for cid in sampled:  # each client evaluates the model it would train from next round

@@ -70,3 +70,10 @@ def unet(num_classes: int = 4, widths: tuple[int, ...] = (16, 32, 64), **kwargs)
 @register_model("unet-tiny")
 def unet_tiny(num_classes: int = 4, **kwargs) -> UNet:
     return UNet(num_classes=num_classes, widths=(8, 16), **kwargs)
+
+
+@register_model("unet-wide")
+def unet_wide(num_classes: int = 4, **kwargs) -> UNet:
+    """48 channels at full resolution: what a model with wide early layers leaks to gradient inversion
+    (the attack-vs-dp cpu-quick preset; ``dhunet-tiny`` sees the image only through 4×4 patchify stems)."""
+    return UNet(num_classes=num_classes, widths=(48, 96), **kwargs)
