@@ -11,7 +11,7 @@ SHELL  := bash
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	# (grep drops pip's notes about local index folders this machine's pip config names)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test]' 2>&1 | { grep -v 'is ignored: it is neither' || true; }
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test,flower]' 2>&1 | { grep -v 'is ignored: it is neither' || true; }
 	touch $(STAMP)
 
 install: $(STAMP)

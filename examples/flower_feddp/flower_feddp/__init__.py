@@ -1,0 +1,1 @@
+"""FedDP-style DP (and partial sharing of the encoders) for federated DHU-Net, as a Flower app."""

@@ -1,0 +1,32 @@
+"""ServerApp: the privfl defense's server side (sampling, weights, aggregation, the accountant)."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from flower_feddp.task import make_defense, make_model, run_config
+from privfl.fl.client import trainable_state
+from privfl.integrations.flower import PrivflStrategy
+from privfl.integrations.flower.codec import state_to_record
+
+app = ServerApp()
+log = logging.getLogger("privfl.flower")
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    cfg = run_config(context)
+    model = make_model(int(cfg["image-size"]), int(cfg["seed"]))
+    strategy = PrivflStrategy(make_defense(float(cfg["sigma"]), float(cfg["clip"]), bool(cfg["partial"])),
+                              min_clients=int(cfg["min-clients"]), seed=int(cfg["seed"]), model=model)
+    strategy.start(grid, state_to_record(trainable_state(model)), num_rounds=int(cfg["num-server-rounds"]))
+    eps = strategy.accountant.epsilon()
+    summary = {"rounds": len(strategy.history), "epsilon": eps.epsilon, "delta": eps.delta,
+               "accountant": eps.accountant, "train_loss": [h["train_loss"] for h in strategy.history],
+               "rejected": [h["rejected"] for h in strategy.history]}
+    log.warning("privfl summary: %s", json.dumps(summary))
+    print(f"privfl: {summary['rounds']} rounds, ε = {eps.epsilon:.3f} at δ = {eps.delta:g} ({eps.accountant})")

@@ -1,0 +1,18 @@
+"""Run the app on Flower's simulation engine in one command: ``python examples/flower_feddp/simulate.py``."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from flower_feddp.client_app import app as client_app  # noqa: E402
+from flower_feddp.server_app import app as server_app  # noqa: E402
+from flwr.simulation import run_simulation  # noqa: E402
+
+if __name__ == "__main__":
+    run_simulation(server_app, client_app, num_supernodes=3,
+                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                                   "init_args": {"num_cpus": 2, "include_dashboard": False}})

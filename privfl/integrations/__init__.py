@@ -1,0 +1,1 @@
+"""privfl inside other FL engines: :mod:`privfl.integrations.flower` (``pip install privfl[flower]``)."""

@@ -1,0 +1,94 @@
+"""The client side of a privfl :class:`~privfl.defenses.base.Defense` inside a Flower ``ClientApp``.
+
+:class:`PrivflClient` answers the two messages :class:`~privfl.integrations.flower.strategy.PrivflStrategy`
+sends: a ``query`` for the client's id and training-set size (the server needs the sizes for the
+FedAvg weights *before* clients protect, because distributed noise and CKKS pre-weighting depend
+on them), and a ``train`` carrying the global state and the round context. It trains with the
+user's ``fit`` function, calls ``defense.personalize`` and ``defense.protect`` exactly as
+:func:`~privfl.fl.loop.run_federated` does, and replies with the payload only.
+
+The defense's client-side state (e.g. :class:`~privfl.defenses.partial.PartialSharing`'s kept
+decoder) is stored in the node's ``context.state`` after every round, so it survives a ClientApp
+that runs in a fresh process per message; it never leaves the node.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+
+import torch
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+
+from privfl.defenses.base import Defense, RoundContext
+from privfl.integrations.flower.codec import (
+    CTX,
+    METRICS,
+    STATE,
+    payload_to_content,
+    record_to_context,
+    record_to_state,
+)
+from privfl.updates import Update
+
+FitFn = Callable[[Update, RoundContext], tuple[Update, float]]
+"""``fit(start_state, ctx) -> (delta = local − start, mean train loss)`` — the client's local training."""
+
+_DEFENSE_STATE = "privfl.defense-state"
+
+
+class PrivflClient:
+    """Client half of a privfl defense in Flower.
+
+    Args:
+        defense_factory: builds this client's defense instance (the same configuration as the
+            server's; e.g. ``lambda: FedDPNoise(0.5, 0.05)``).
+        fit: local training (see :data:`FitFn`).
+        client_id: this node's privfl client id (e.g. ``int(context.node_config["partition-id"])``).
+        num_examples: this client's training-set size (FedAvg weight).
+
+    Threat model: the client trusts only itself; what leaves the node is what ``defense.protect``
+    returns (plus its id, size and mean training loss as metrics).
+    """
+
+    def __init__(self, defense_factory: Callable[[], Defense], fit: FitFn, *, client_id: int, num_examples: int):
+        if num_examples < 1:
+            raise ValueError(f"num_examples must be >= 1, got {num_examples}")
+        self.defense_factory = defense_factory
+        self.fit = fit
+        self.client_id = int(client_id)
+        self.num_examples = int(num_examples)
+
+    def query(self, msg: Message, context: Context) -> Message:
+        """Reply with this client's id and training-set size."""
+        return Message(RecordDict({METRICS: MetricRecord({"client_id": self.client_id,
+                                                          "num-examples": self.num_examples})}), reply_to=msg)
+
+    def _defense(self, context: Context) -> Defense:
+        defense = self.defense_factory()
+        saved = context.state.config_records.get(_DEFENSE_STATE)
+        if saved is not None:
+            defense.load_state_dict(torch.load(io.BytesIO(saved["state"]), weights_only=False))
+        return defense
+
+    def _save(self, defense: Defense, context: Context) -> None:
+        buf = io.BytesIO()
+        torch.save(defense.state_dict(), buf)
+        context.state.config_records[_DEFENSE_STATE] = ConfigRecord({"state": buf.getvalue()})
+
+    def train(self, msg: Message, context: Context) -> Message:
+        """One round: personalize the global state, train, protect, reply with the payload."""
+        global_state = record_to_state(msg.content.array_records[STATE])
+        ctx = record_to_context(msg.content.config_records[CTX])
+        if ctx.client_id != self.client_id:
+            raise ValueError(f"message for client {ctx.client_id} reached client {self.client_id}")
+        defense = self._defense(context)
+        start = defense.personalize(global_state, ctx)
+        delta, loss = self.fit(start, ctx)
+        payload = defense.protect(delta, ctx)
+        del delta
+        self._save(defense, context)
+        content = payload_to_content(payload)
+        content[METRICS] = MetricRecord({"client_id": self.client_id, "num-examples": self.num_examples,
+                                         "train_loss": float(loss)})
+        return Message(content, reply_to=msg)

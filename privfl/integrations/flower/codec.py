@@ -1,0 +1,107 @@
+"""privfl payloads, states and round contexts as Flower records, and back — with validation, so that
+a malformed message is rejected with a reason instead of crashing the round.
+
+Wire format (one :class:`flwr.app.RecordDict` per message):
+
+* ``"privfl.state"`` (ArrayRecord): a full model state or a plain update (``dict`` payload).
+* ``"privfl.bytes"`` (ConfigRecord ``{"payload": bytes}``): an opaque payload (CKKS ciphertext,
+  masked vector).
+* ``"privfl.ctx"`` (ConfigRecord): the :class:`~privfl.defenses.base.RoundContext` of the round —
+  ``round``, ``num_clients``, ``sampled``, ``weights``, ``seed``, ``sampling_rate`` and, in a message
+  to one client, ``client_id``.
+* ``"privfl.metrics"`` (MetricRecord): ``num-examples``, ``train_loss``, ``client_id`` from a client.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+
+from privfl.defenses.base import Payload, RoundContext
+from privfl.updates import Update
+
+STATE = "privfl.state"
+BYTES = "privfl.bytes"
+CTX = "privfl.ctx"
+METRICS = "privfl.metrics"
+
+
+class MalformedPayloadError(ValueError):
+    """A client's reply cannot be decoded into a privfl payload; ``reason`` says why."""
+
+
+def state_to_record(update: Mapping[str, torch.Tensor]) -> ArrayRecord:
+    """An update or model state as an ArrayRecord (CPU numpy copies; key order kept)."""
+    return ArrayRecord({k: Array(v.detach().cpu().numpy()) for k, v in update.items()})
+
+
+def record_to_state(record: ArrayRecord) -> Update:
+    """An ArrayRecord as ``{name: float32/int tensor}`` (copies; dtypes as sent)."""
+    return {k: torch.from_numpy(np.array(a.numpy(), copy=True)) for k, a in record.items()}
+
+
+def payload_to_content(payload: Payload) -> RecordDict:
+    """A client's protected payload as message content."""
+    if isinstance(payload, (bytes, bytearray, memoryview)):
+        return RecordDict({BYTES: ConfigRecord({"payload": bytes(payload)})})
+    if isinstance(payload, Mapping):
+        return RecordDict({STATE: state_to_record(payload)})
+    raise TypeError(f"cannot send a payload of type {type(payload).__name__}")
+
+
+def content_to_payload(content: RecordDict, expected: Mapping[str, torch.Tensor] | None = None) -> Payload:
+    """The payload in a client's reply. With ``expected`` (the global state), a dict payload must use
+    only its keys with its shapes and finite values.
+
+    Raises:
+        MalformedPayloadError: no payload, both kinds, wrong types, unknown keys, wrong shapes,
+            non-finite values.
+    """
+    has_state, has_bytes = STATE in content.array_records, BYTES in content.config_records
+    if has_state == has_bytes:
+        raise MalformedPayloadError("the reply must carry exactly one of 'privfl.state' or 'privfl.bytes'")
+    if has_bytes:
+        blob = content.config_records[BYTES].get("payload")
+        if not isinstance(blob, bytes) or not blob:
+            raise MalformedPayloadError("'privfl.bytes' must hold a non-empty bytes value 'payload'")
+        return blob
+    try:
+        update = record_to_state(content.array_records[STATE])
+    except Exception as e:  # noqa: BLE001 - any decoding failure is a malformed payload
+        raise MalformedPayloadError(f"cannot decode 'privfl.state': {e}") from e
+    if not update:
+        raise MalformedPayloadError("'privfl.state' is empty")
+    if expected is not None:
+        unknown = [k for k in update if k not in expected]
+        if unknown:
+            raise MalformedPayloadError(f"unknown entries {unknown[:3]} (not in the global model)")
+        for k, v in update.items():
+            if tuple(v.shape) != tuple(expected[k].shape):
+                raise MalformedPayloadError(f"'{k}' has shape {tuple(v.shape)}, the model's is {tuple(expected[k].shape)}")
+            if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+                raise MalformedPayloadError(f"'{k}' has non-finite values")
+    return update
+
+
+def context_to_record(ctx: RoundContext) -> ConfigRecord:
+    rec: dict[str, Any] = {"round": ctx.round, "num_clients": ctx.num_clients, "sampled": list(ctx.sampled),
+                           "weights": [float(w) for w in ctx.weights], "seed": int(ctx.seed),
+                           "sampling_rate": float(ctx.sampling_rate)}
+    if ctx.client_id is not None:
+        rec["client_id"] = int(ctx.client_id)
+    return ConfigRecord(rec)
+
+
+def record_to_context(rec: ConfigRecord) -> RoundContext:
+    try:
+        return RoundContext(round=int(rec["round"]), num_clients=int(rec["num_clients"]),
+                            sampled=tuple(int(c) for c in rec["sampled"]),
+                            weights=tuple(float(w) for w in rec["weights"]),
+                            client_id=int(rec["client_id"]) if "client_id" in rec else None,
+                            seed=int(rec["seed"]), sampling_rate=float(rec["sampling_rate"]))
+    except (KeyError, TypeError, ValueError) as e:
+        raise MalformedPayloadError(f"bad 'privfl.ctx': {e}") from e

@@ -1,0 +1,224 @@
+"""The server side of a privfl :class:`~privfl.defenses.base.Defense` as a Flower strategy.
+
+:class:`PrivflStrategy` runs the round exactly as privfl's :class:`~privfl.fl.server.Server` does
+inside :func:`~privfl.fl.loop.run_federated` — the same client sampling, FedAvg weights from the
+clients' sizes, ``defense.before_round`` before any client trains (so an exhausted privacy budget
+stops the run before a partial round), ``defense.aggregate`` on the payloads, the mean applied to
+the global state — so a Flower run and a ``run_federated`` run with the same seeds and defense
+give the same model and the same accounted ε.
+
+Replies that fail (node errors, timeouts) or carry a malformed payload (wrong keys or shapes,
+non-finite values, undecodable bytes, an id that does not match the node) are logged with their
+reason and treated as dropouts; the round completes with the others, or fails with
+:class:`RoundFailedError` when fewer than ``min_clients`` valid payloads remain.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import replace
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Result, Strategy
+from torch import nn
+
+from privfl.defenses.base import Defense, Payload, RoundContext
+from privfl.fl.client import clamp_running_variances
+from privfl.fl.server import Server
+from privfl.integrations.flower.codec import (
+    CTX,
+    METRICS,
+    MalformedPayloadError,
+    content_to_payload,
+    context_to_record,
+    record_to_state,
+    state_to_record,
+)
+
+log = logging.getLogger("privfl.flower")
+
+
+def _short(reason: str, limit: int = 300) -> str:
+    """One line, at most ``limit`` characters, keeping the end (where a remote traceback says what failed)."""
+    text = " ".join(str(reason).split())
+    return text if len(text) <= limit else "…" + text[-limit:]
+
+
+class RoundFailedError(RuntimeError):
+    """Fewer than ``min_clients`` valid payloads arrived in a round."""
+
+
+class PrivflStrategy(Strategy):
+    """Server half of a privfl defense in Flower.
+
+    Args:
+        defense: the server's defense instance (keeps the accountant; its client-side state, if
+            any, lives on the clients).
+        fraction: fraction of clients sampled per round (fixed-size sampling, as privfl's server:
+            no amplification claimed).
+        min_clients: fewest valid payloads a round may aggregate.
+        seed: the experiment seed (client sampling; seeded noise sources).
+        model: the architecture, to clamp BatchNorm running variances after a noised aggregate
+            as ``run_federated`` does (optional).
+
+    Attributes:
+        history: one record per round (``round``, ``sampled``, ``received``, ``rejected`` with reasons,
+            ``train_loss``, ``privacy``).
+    """
+
+    def __init__(self, defense: Defense, *, fraction: float = 1.0, min_clients: int = 2, seed: int = 0,
+                 model: nn.Module | None = None):
+        if not 0 < fraction <= 1:
+            raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+        if min_clients < 1:
+            raise ValueError(f"min_clients must be >= 1, got {min_clients}")
+        self.defense = defense
+        self.fraction = fraction
+        self.min_clients = min_clients
+        self.seed = seed
+        self.model = model
+        self.history: list[dict[str, Any]] = []
+        self._nodes: dict[int, int] = {}  # client id -> node id
+        self._sizes: dict[int, int] = {}
+        self._server: Server | None = None
+        self._ctx: RoundContext | None = None
+
+    @property
+    def accountant(self):
+        return getattr(self.defense, "accountant", None)
+
+    # ---- setup: who is there, and how much data each holds ------------------------------------
+
+    def discover(self, grid: Grid, timeout: float = 600) -> dict[int, int]:
+        """Ask every connected node for its privfl client id and training-set size; returns
+        ``{client id: size}``. Nodes that fail or reply twice with one id are refused."""
+        nodes = list(grid.get_node_ids())
+        msgs = [Message(RecordDict({"privfl.query": ConfigRecord({"what": "client"})}), dst_node_id=n,
+                        message_type=MessageType.QUERY) for n in nodes]
+        for reply in grid.send_and_receive(msgs, timeout=timeout):
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                log.warning("node %s did not answer the discovery query: %s", node, _short(reply.error.reason))
+                continue
+            m = reply.content.metric_records.get(METRICS)
+            if m is None or "client_id" not in m or "num-examples" not in m:
+                log.warning("node %s: discovery reply without client_id / num-examples; ignored", node)
+                continue
+            cid, size = int(m["client_id"]), int(m["num-examples"])
+            if cid in self._nodes or size < 1:
+                log.warning("node %s: client id %s already taken or size %s < 1; ignored", node, cid, size)
+                continue
+            self._nodes[cid], self._sizes[cid] = node, size
+        if len(self._nodes) < self.min_clients:
+            raise RoundFailedError(f"only {len(self._nodes)} clients answered, min_clients = {self.min_clients}")
+        ids = sorted(self._nodes)
+        if ids != list(range(len(ids))):
+            raise RoundFailedError(f"client ids must be 0..n-1, got {ids}")
+        return dict(self._sizes)
+
+    def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, timeout: float = 3600,
+              train_config: ConfigRecord | None = None, evaluate_config: ConfigRecord | None = None,
+              evaluate_fn=None) -> Result:
+        """Discover the clients, then run ``num_rounds`` rounds (Flower's loop)."""
+        if not self._nodes:
+            self.discover(grid, timeout)
+        state = record_to_state(initial_arrays)
+        self._server = Server(state, self.defense, len(self._nodes), self.fraction, self.seed)
+        return super().start(grid, initial_arrays, num_rounds, timeout, train_config, evaluate_config, evaluate_fn)
+
+    # ---- one round ------------------------------------------------------------------------------
+
+    def begin_round(self, server_round: int, arrays: ArrayRecord) -> RoundContext:
+        """Sample the round's clients, build its context and run ``defense.before_round`` (which may
+        refuse the round, e.g. :class:`~privfl.defenses.accounting.PrivacyBudgetExceeded`)."""
+        assert self._server is not None, "call start() (or discover()) first"
+        r = server_round - 1  # privfl rounds are 0-based
+        self._server.global_state = record_to_state(arrays)
+        sampled = self._server.sample(r)
+        ctx = self._server.context(r, sampled, [self._sizes[c] for c in sampled])
+        self.defense.before_round(ctx)  # before any client trains
+        self._ctx = ctx
+        self._t0 = time.perf_counter()
+        return ctx
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        ctx = self.begin_round(server_round, arrays)
+        sampled = ctx.sampled
+        return [Message(RecordDict({"privfl.state": arrays, CTX: context_to_record(ctx.for_client(c)),
+                                    "config": config}),
+                        dst_node_id=self._nodes[c], message_type=MessageType.TRAIN) for c in sampled]
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        assert self._server is not None and self._ctx is not None
+        ctx = self._ctx
+        node_to_client = {n: c for c, n in self._nodes.items()}
+        payloads: list[Payload] = [None] * len(ctx.sampled)
+        losses: dict[int, float] = {}
+        rejected: dict[int, str] = {}
+        for reply in replies:
+            cid = node_to_client.get(reply.metadata.src_node_id)
+            if cid is None or cid not in ctx.sampled:
+                log.warning("round %d: reply from unexpected node %s ignored", ctx.round, reply.metadata.src_node_id)
+                continue
+            try:
+                if reply.has_error():
+                    raise MalformedPayloadError(f"client error: {_short(reply.error.reason)}")
+                m = reply.content.metric_records.get(METRICS)
+                if m is None or int(m.get("client_id", -1)) != cid:
+                    raise MalformedPayloadError("metrics missing or client_id does not match the node")
+                payload = content_to_payload(reply.content, self._server.global_state)
+            except MalformedPayloadError as e:
+                rejected[cid] = str(e)
+                log.warning("round %d: client %d rejected: %s", ctx.round, cid, e)
+                continue
+            payloads[ctx.sampled.index(cid)] = payload
+            losses[cid] = float(m.get("train_loss", float("nan")))
+        received = [c for c, p in zip(ctx.sampled, payloads) if p is not None]
+        if len(received) < self.min_clients:
+            raise RoundFailedError(f"round {ctx.round}: {len(received)} valid payloads, min_clients = "
+                                   f"{self.min_clients} (rejected: {rejected or 'none'})")
+        agg_ctx = ctx
+        if len(received) < len(ctx.sampled) and not self.defense.hides_individual_updates:
+            # plain payloads: aggregate the survivors with renormalised weights (crypto defenses get the
+            # None markers instead: their protocols handle dropouts themselves)
+            keep = [i for i, p in enumerate(payloads) if p is not None]
+            total_w = sum(ctx.weights[i] for i in keep)
+            agg_ctx = replace(ctx, sampled=tuple(ctx.sampled[i] for i in keep),
+                              weights=tuple(ctx.weights[i] / total_w for i in keep))
+            payloads = [payloads[i] for i in keep]
+        self._server.aggregate(payloads, agg_ctx)
+        if self.model is not None:
+            clamp_running_variances(self.model, self._server.global_state)
+        total = sum(ctx.weight_of(c) for c in received)
+        train_loss = sum(ctx.weight_of(c) * losses[c] for c in received) / total
+        privacy = None
+        if self.accountant is not None:
+            report = self.accountant.epsilon()
+            privacy = {"epsilon": report.epsilon, "delta": report.delta, "accountant": report.accountant}
+        self.history.append({"round": ctx.round, "sampled": list(ctx.sampled), "received": received,
+                             "rejected": rejected, "train_loss": train_loss, "privacy": privacy,
+                             "seconds": time.perf_counter() - self._t0})
+        metrics: dict[str, float | int] = {"train_loss": train_loss, "clients": len(received),
+                                           "rejected": len(rejected)}
+        if privacy is not None:
+            metrics["epsilon"] = float(privacy["epsilon"])
+        return state_to_record(self._server.global_state), MetricRecord(metrics)
+
+    # ---- no federated evaluation (use evaluate_fn on the server for a global test split) -------
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        return []
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        return None
+
+    def summary(self) -> None:
+        log.info("PrivflStrategy: defense %r, fraction %s, min_clients %d, %d clients", self.defense,
+                 self.fraction, self.min_clients, len(self._nodes))
