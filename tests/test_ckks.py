@@ -320,3 +320,16 @@ def test_bench_smoke():
     for r in result["rows"]:
         assert r["error_ok"] and r["bytes_per_param"] > 20
         assert r["protect_speedup_vs_anchor"] > 0 and r["bytes_ratio_vs_anchor"] > 1
+
+
+def test_keys_from_distributed_contexts():
+    from privfl.defenses.ckks import CKKSKeys, CKKSPayloadError
+
+    keys = CKKSKeys.generate("compact")
+    again = CKKSKeys.from_contexts(keys.client_context, keys.server_context)
+    assert again.key_id == keys.key_id and again.preset == keys.preset
+    other = CKKSKeys.generate("compact")
+    with pytest.raises(CKKSPayloadError, match="different keys"):
+        CKKSKeys.from_contexts(keys.client_context, other.server_context)
+    with pytest.raises(CKKSPayloadError, match="must hold the secret key"):
+        CKKSKeys.from_contexts(keys.server_context, keys.server_context)

@@ -192,25 +192,92 @@ def test_below_minimum_fails_cleanly():
 
 @pytest.mark.slow
 def test_example_runs_in_deployment_mode_on_loopback():
-    """SuperLink + 3 SuperNodes on 127.0.0.1, `flwr run`, 2 rounds, clean shutdown (about 2 minutes)."""
+    """SuperLink + 3 SuperNodes on 127.0.0.1, `flwr run`, 2 rounds with FedDP, partial sharing and CKKS,
+    clean shutdown (about 2 minutes)."""
     import subprocess
     import sys
     from pathlib import Path
 
     script = Path(__file__).resolve().parents[1] / "examples" / "flower_feddp" / "deploy_local.py"
-    run = subprocess.run([sys.executable, str(script), "--rounds", "2"], capture_output=True, text=True, timeout=900)
+    run = subprocess.run([sys.executable, str(script), "--rounds", "2", "--crypto", "ckks"], capture_output=True,
+                         text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "privfl: 2 rounds, ε = 0.497 at δ = 1e-05" in run.stdout  # the same ε as in simulation
     assert '"rejected": [{}, {}]' in run.stdout
+    assert "the server holds 2 encrypted aggregates and no model" in run.stdout
 
 
 @pytest.mark.slow
-def test_example_runs_in_simulation():
+@pytest.mark.parametrize("crypto", ["none", "ckks"])
+def test_example_runs_in_simulation(crypto):
     import subprocess
     import sys
     from pathlib import Path
 
     script = Path(__file__).resolve().parents[1] / "examples" / "flower_feddp" / "simulate.py"
-    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600)
+    run = subprocess.run([sys.executable, str(script), "--crypto", crypto], capture_output=True, text=True,
+                         timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "privfl: 2 rounds, ε = 0.497 at δ = 1e-05" in run.stdout
+    assert ("the server holds 2 encrypted aggregates and no model" in run.stdout) == (crypto == "ckks")
+
+
+@pytest.mark.slow
+def test_ckks_in_flower_keeps_the_key_on_the_clients_and_matches_run_federated():
+    from privfl.defenses import CKKSAggregation
+    from privfl.defenses.ckks import CKKSClient, CKKSKeys, CKKSServer
+    from privfl.updates import apply, unflatten
+
+    keys = CKKSKeys.generate("precise")
+    def ckks_defense():
+        return Compose(ClipUpdate(1.0), CKKSAggregation("precise", keys=keys))
+
+    clients_data = _federation()
+
+    def fit_for(cid: int):
+        def fit(start, ctx):
+            return Client(cid, clients_data[cid], CFG, None, None).fit(_model(), start, ctx.round, ROUNDS,
+                                                                      make_fabric("cpu"), SEED)
+        return fit
+
+    client_app = ClientApp()
+
+    def privfl_client(context: Context) -> PrivflClient:
+        cid = int(context.node_config["partition-id"])
+        return PrivflClient(ckks_defense, fit_for(cid), client_id=cid, num_examples=len(clients_data[cid]))
+
+    @client_app.query()
+    def query(msg: Message, context: Context) -> Message:
+        return privfl_client(context).query(msg, context)
+
+    @client_app.train()
+    def train(msg: Message, context: Context) -> Message:
+        return privfl_client(context).train(msg, context)
+
+    strategies: list = []
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid: Grid, context: Context) -> None:
+        # the server: only the public context, and the stages before CKKS
+        strategy = PrivflStrategy(Compose(ClipUpdate(1.0)), min_clients=2, seed=SEED,
+                                  ckks=CKKSServer(keys.server_context))
+        strategies.append(strategy)
+        strategy.start(grid, state_to_record(trainable_state(_model())), num_rounds=ROUNDS)
+
+    run_simulation(server_app, client_app, num_supernodes=N_CLIENTS,
+                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                                   "init_args": {"num_cpus": 2, "include_dashboard": False}})
+    strategy = strategies[0]
+    assert len(strategy.encrypted_aggregates) == ROUNDS and all(h["rejected"] == {} for h in strategy.history)
+    # a key holder replays the rounds: initial state + each decrypted mean update
+    holder = CKKSClient(keys.client_context)
+    state = trainable_state(_model())
+    for blob in strategy.encrypted_aggregates:
+        state = apply(state, unflatten(*holder.decrypt_vector(blob)), allow_missing=True)
+    reference = run_federated(_model(), _federation(), None, ROUNDS, config=CFG, defense=ckks_defense(),
+                              seed=SEED, val_fraction=0.0, augment=None, accelerator="cpu", progress=False)
+    for k, v in reference.global_state.items():  # equal up to CKKS error (fresh encryption randomness)
+        torch.testing.assert_close(state[k], v, rtol=1e-4, atol=1e-5, msg=k)
+    with pytest.raises(ValueError, match="secret key"):
+        PrivflStrategy(ckks_defense(), ckks=CKKSServer(keys.server_context))

@@ -59,8 +59,16 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--timeout", type=float, default=600, help="seconds before the run is abandoned")
+    ap.add_argument("--crypto", choices=("none", "ckks"), default="none", help="CKKS-encrypt what clients send")
     args = ap.parse_args(argv)
     home = Path(tempfile.mkdtemp(prefix="privfl-flwr-"))
+    run_config = f"num-server-rounds={args.rounds}"
+    if args.crypto == "ckks":  # keys made before the run and handed to the clients (out of band)
+        sys.path.insert(0, str(HERE))
+        from flower_feddp.task import make_keys
+
+        make_keys(str(home / "keys"))
+        run_config += f" crypto='ckks' keys-dir='{home / 'keys'}'"
     link = _free_port()  # Flower >= 1.41 serves the Fleet, Control and Runtime APIs on one HTTP port
     (home / "config.toml").write_text(
         f'[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\naddress = "127.0.0.1:{link}"\ninsecure = true\n')
@@ -90,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
                                      "--host", "127.0.0.1", "--port", str(_free_port())])
         time.sleep(3)
         run = subprocess.run([str(BIN / "flwr"), "run", str(HERE), "loopback", "--stream",
-                              "--run-config", f"num-server-rounds={args.rounds}"],
+                              "--run-config", run_config],
                              env=env, capture_output=True, text=True, timeout=args.timeout)
         print(run.stdout[-6000:])
         ok = run.returncode == 0 and "privfl:" in run.stdout

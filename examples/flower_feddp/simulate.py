@@ -13,6 +13,20 @@ from flower_feddp.server_app import app as server_app  # noqa: E402
 from flwr.simulation import run_simulation  # noqa: E402
 
 if __name__ == "__main__":
+    import argparse
+    import json
+    import os
+    import tempfile
+
+    from flower_feddp.task import make_keys
+
+    ap = argparse.ArgumentParser(description="the example on Flower's simulation engine")
+    ap.add_argument("--crypto", choices=("none", "ckks"), default="none", help="CKKS-encrypt what clients send")
+    args = ap.parse_args()
+    if args.crypto == "ckks":  # keys made before the run and handed to the clients (out of band)
+        keys_dir = tempfile.mkdtemp(prefix="privfl-ckks-")
+        make_keys(keys_dir)
+        os.environ["PRIVFL_EXAMPLE_CONFIG"] = json.dumps({"crypto": "ckks", "keys-dir": keys_dir})
     run_simulation(server_app, client_app, num_supernodes=3,
                    backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
                                    "init_args": {"num_cpus": 2, "include_dashboard": False}})

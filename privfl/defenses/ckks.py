@@ -360,6 +360,24 @@ class CKKSKeys:
         return cls(p, key_id, _context_envelope(p, key_id, True, client_raw),
                    _context_envelope(p, key_id, False, server_raw))
 
+    @classmethod
+    def from_contexts(cls, client_context: bytes, server_context: bytes) -> CKKSKeys:
+        """Keys from the two serialized contexts (e.g. files distributed out of band to a client).
+
+        Raises:
+            CKKSPayloadError: a context is malformed, the first has no secret key, the second has
+                one, or they belong to different keys.
+        """
+        ch, preset, _ = _open_context(client_context, "client context")
+        sh, _, _ = _open_context(server_context, "server context")
+        if not ch["secret"] or sh["secret"]:
+            raise CKKSPayloadError("from_contexts: the client context must hold the secret key and the server "
+                                   "context must not")
+        if ch["key_id"] != sh["key_id"]:
+            raise CKKSPayloadError(f"from_contexts: contexts of different keys ({str(ch['key_id'])[:8]}… vs "
+                                   f"{str(sh['key_id'])[:8]}…)")
+        return cls(preset, str(ch["key_id"]), bytes(client_context), bytes(server_context))
+
     def __repr__(self) -> str:  # never print the secret context
         return (f"CKKSKeys(preset={self.preset.name!r}, key_id={self.key_id[:8]}…, client_context=<{len(self.client_context)} "
                 f"bytes, secret>, server_context=<{len(self.server_context)} bytes>)")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from flower_feddp.task import client_data, make_defense, make_fit, run_config
+from flower_feddp.task import ckks_keys, client_data, make_defense, make_fit, run_config
 from privfl.integrations.flower import PrivflClient
 
 app = ClientApp()
@@ -17,8 +17,9 @@ def _client(context: Context) -> PrivflClient:
     size, seed = int(cfg["image-size"]), int(cfg["seed"])
     data = client_data(cid, n, int(cfg["samples-per-client"]), size, seed)
     fit = make_fit(cid, data, int(cfg["num-server-rounds"]), size, seed, float(cfg["lr"]), int(cfg["batch-size"]))
-    return PrivflClient(lambda: make_defense(float(cfg["sigma"]), float(cfg["clip"]), bool(cfg["partial"])), fit,
-                        client_id=cid, num_examples=len(data))
+    keys = ckks_keys(str(cfg["keys-dir"])) if cfg["crypto"] == "ckks" else None
+    return PrivflClient(lambda: make_defense(float(cfg["sigma"]), float(cfg["clip"]), bool(cfg["partial"]), keys),
+                        fit, client_id=cid, num_examples=len(data))
 
 
 @app.query()

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
+
 import torch
 
 from privfl.data import SyntheticHistology, partition
-from privfl.defenses import Compose, FedDPNoise, PartialSharing
+from privfl.defenses import CKKSAggregation, Compose, FedDPNoise, PartialSharing
 from privfl.defenses.base import Defense
+from privfl.defenses.ckks import CKKSKeys, CKKSServer
 from privfl.fl import ClientConfig
 from privfl.fl.client import Client
 from privfl.fl.device import make_fabric
@@ -15,12 +20,16 @@ from privfl.models.losses import default_loss
 from privfl.updates import Update
 
 DEFAULTS = {"num-server-rounds": 2, "samples-per-client": 8, "image-size": 32, "batch-size": 4, "lr": 0.1,
-            "sigma": 0.5, "clip": 0.05, "partial": True, "min-clients": 2, "seed": 0}
+            "sigma": 0.5, "clip": 0.05, "partial": True, "crypto": "none", "keys-dir": "", "min-clients": 2,
+            "seed": 0}
 """The run configuration (``[tool.flwr.app.config]`` in pyproject.toml overrides it under ``flwr run``)."""
 
 
 def run_config(context) -> dict:
-    return {**DEFAULTS, **dict(context.run_config)}
+    """DEFAULTS, then ``PRIVFL_EXAMPLE_CONFIG`` (JSON; how simulate.py passes options to the
+    simulation's workers), then Flower's run config."""
+    extra = json.loads(os.environ.get("PRIVFL_EXAMPLE_CONFIG", "{}"))
+    return {**DEFAULTS, **extra, **dict(context.run_config)}
 
 
 def make_model(size: int, seed: int) -> torch.nn.Module:
@@ -34,11 +43,37 @@ def client_data(client_id: int, num_clients: int, samples_per_client: int, size:
     return partition(data, "by_site", num_clients, seed=seed)[client_id]
 
 
-def make_defense(sigma: float, clip: float, partial: bool) -> Defense:
-    """FedDP's Eq. 11 (clip to C, add N(0, σ²)), optionally with the decoder kept local.
-    The noise comes from privfl's ChaCha20 source (secure); the accountant proves the ε."""
-    feddp = FedDPNoise(sigma, clip)
-    return Compose(PartialSharing(share=["global_branch.*", "local_branch.*"]), feddp) if partial else feddp
+def make_defense(sigma: float, clip: float, partial: bool, keys: CKKSKeys | None = None) -> Defense:
+    """FedDP's Eq. 11 (clip to C, add N(0, σ²)), optionally with the decoder kept local and (client
+    side, with ``keys``) CKKS encryption of what is sent. The noise comes from privfl's ChaCha20
+    source (secure); the accountant proves the ε."""
+    stages: list[Defense] = [PartialSharing(share=["global_branch.*", "local_branch.*"])] if partial else []
+    stages.append(FedDPNoise(sigma, clip))
+    if keys is not None:  # noised values exceed C: give CKKS a bound that covers the noise (6 σ)
+        stages.append(CKKSAggregation(keys.preset, keys=keys, bound=clip + 6 * sigma))
+    return Compose(*stages)
+
+
+def make_keys(keys_dir: str) -> CKKSKeys:
+    """Generate CKKS keys into ``keys_dir``: ``client.ctx`` holds the secret key and goes to the
+    clients only; ``server.ctx`` is public. A setup step run by the clients' side, never the server."""
+    d = Path(keys_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    keys = CKKSKeys.generate("precise")
+    (d / "client.ctx").write_bytes(keys.client_context)
+    (d / "server.ctx").write_bytes(keys.server_context)
+    return keys
+
+
+def ckks_keys(keys_dir: str) -> CKKSKeys:
+    """A client's CKKS keys from ``keys_dir`` (see :func:`make_keys`)."""
+    d = Path(keys_dir)
+    return CKKSKeys.from_contexts((d / "client.ctx").read_bytes(), (d / "server.ctx").read_bytes())
+
+
+def server_ckks(keys_dir: str) -> CKKSServer:
+    """The server's half: the public context only."""
+    return CKKSServer((Path(keys_dir) / "server.ctx").read_bytes())
 
 
 def make_fit(client_id: int, data, rounds: int, size: int, seed: int, lr: float, batch_size: int):

@@ -22,19 +22,32 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from privfl.defenses.base import Defense, RoundContext
 from privfl.integrations.flower.codec import (
+    AGGREGATE,
     CTX,
     METRICS,
     STATE,
+    MalformedPayloadError,
     payload_to_content,
     record_to_context,
     record_to_state,
+    state_to_record,
 )
-from privfl.updates import Update
+from privfl.updates import Update, apply, unflatten
 
 FitFn = Callable[[Update, RoundContext], tuple[Update, float]]
 """``fit(start_state, ctx) -> (delta = local − start, mean train loss)`` — the client's local training."""
 
 _DEFENSE_STATE = "privfl.defense-state"
+_GLOBAL = "privfl.global"  # the node's copy of the global state when the server only has ciphertext
+
+
+def ckks_stage(defense: Defense):
+    """The :class:`~privfl.defenses.ckks.CKKSAggregation` stage of ``defense`` (itself or a Compose's
+    last stage), or ``None``."""
+    from privfl.defenses.ckks import CKKSAggregation
+
+    stages = getattr(defense, "stages", (defense,))
+    return stages[-1] if stages and isinstance(stages[-1], CKKSAggregation) else None
 
 
 class PrivflClient:
@@ -76,13 +89,32 @@ class PrivflClient:
         torch.save(defense.state_dict(), buf)
         context.state.config_records[_DEFENSE_STATE] = ConfigRecord({"state": buf.getvalue()})
 
+    def _global_state(self, msg: Message, context: Context, defense: Defense) -> Update:
+        """The global state this round starts from: sent in the clear, or — under CKKS, where the
+        server holds only ciphertext — this node's copy plus the decrypted encrypted mean update."""
+        ckks = ckks_stage(defense)
+        if STATE in msg.content.array_records:
+            state = record_to_state(msg.content.array_records[STATE])
+        elif AGGREGATE in msg.content.config_records:
+            if ckks is None or _GLOBAL not in context.state.array_records:
+                raise MalformedPayloadError("an encrypted aggregate arrived, but this node has no CKKS key or "
+                                            "no copy of the global state to apply it to")
+            vec, spec = ckks.keyholder.decrypt_vector(msg.content.config_records[AGGREGATE]["ciphertext"])
+            stored = record_to_state(context.state.array_records[_GLOBAL])
+            state = apply(stored, unflatten(vec, spec), allow_missing=True)
+        else:
+            raise MalformedPayloadError("the train message carries neither a state nor an encrypted aggregate")
+        if ckks is not None:
+            context.state.array_records[_GLOBAL] = state_to_record(state)
+        return state
+
     def train(self, msg: Message, context: Context) -> Message:
         """One round: personalize the global state, train, protect, reply with the payload."""
-        global_state = record_to_state(msg.content.array_records[STATE])
         ctx = record_to_context(msg.content.config_records[CTX])
         if ctx.client_id != self.client_id:
             raise ValueError(f"message for client {ctx.client_id} reached client {self.client_id}")
         defense = self._defense(context)
+        global_state = self._global_state(msg, context, defense)
         start = defense.personalize(global_state, ctx)
         delta, loss = self.fit(start, ctx)
         payload = defense.protect(delta, ctx)

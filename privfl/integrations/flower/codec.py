@@ -9,6 +9,8 @@ Wire format (one :class:`flwr.app.RecordDict` per message):
 * ``"privfl.ctx"`` (ConfigRecord): the :class:`~privfl.defenses.base.RoundContext` of the round —
   ``round``, ``num_clients``, ``sampled``, ``weights``, ``seed``, ``sampling_rate`` and, in a message
   to one client, ``client_id``.
+* ``"privfl.aggregate"`` (ConfigRecord ``{"ciphertext": bytes}``): under CKKS, the encrypted mean
+  update of the last round, sent instead of the state (the server cannot decrypt it).
 * ``"privfl.metrics"`` (MetricRecord): ``num-examples``, ``train_loss``, ``client_id`` from a client.
 """
 
@@ -27,6 +29,7 @@ from privfl.updates import Update
 STATE = "privfl.state"
 BYTES = "privfl.bytes"
 CTX = "privfl.ctx"
+AGGREGATE = "privfl.aggregate"
 METRICS = "privfl.metrics"
 
 

@@ -26,10 +26,12 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 from torch import nn
 
-from privfl.defenses.base import Defense, Payload, RoundContext
+from privfl.defenses.base import Defense, Payload, RoundContext, with_survivors
+from privfl.defenses.ckks import CKKSPayloadError, CKKSServer
 from privfl.fl.client import clamp_running_variances
 from privfl.fl.server import Server
 from privfl.integrations.flower.codec import (
+    AGGREGATE,
     CTX,
     METRICS,
     MalformedPayloadError,
@@ -64,6 +66,13 @@ class PrivflStrategy(Strategy):
         seed: the experiment seed (client sampling; seeded noise sources).
         model: the architecture, to clamp BatchNorm running variances after a noised aggregate
             as ``run_federated`` does (optional).
+        ckks: encrypted aggregation. The clients' defense ends with
+            :class:`~privfl.defenses.ckks.CKKSAggregation` (they hold the keys); the server gets only
+            ``CKKSServer(keys.server_context)`` and ``defense`` = the clients' stages *before* CKKS
+            (e.g. ``ClipUpdate``, distributed DP, whose accounting the server keeps). The server sums
+            the ciphertexts and sends the encrypted mean to the clients, who decrypt it and keep
+            the global state: the server never sees an update or the model (``result.arrays`` does not
+            hold it; :attr:`encrypted_aggregates` keeps each round's ciphertext).
 
     Attributes:
         history: one record per round (``round``, ``sampled``, ``received``, ``rejected`` with reasons,
@@ -71,11 +80,22 @@ class PrivflStrategy(Strategy):
     """
 
     def __init__(self, defense: Defense, *, fraction: float = 1.0, min_clients: int = 2, seed: int = 0,
-                 model: nn.Module | None = None):
+                 model: nn.Module | None = None, ckks: CKKSServer | None = None):
         if not 0 < fraction <= 1:
             raise ValueError(f"fraction must be in (0, 1], got {fraction}")
         if min_clients < 1:
             raise ValueError(f"min_clients must be >= 1, got {min_clients}")
+        if ckks is not None:
+            stages = getattr(defense, "stages", (defense,))
+            if any(type(st).__name__ == "CKKSAggregation" for st in stages):
+                raise ValueError("with ckks=, the server's defense must not contain CKKSAggregation: it holds the "
+                                 "secret key, which must stay on the clients")
+            central = [st for st in stages if getattr(st, "placement", None) == "central"]
+            if central:
+                raise ValueError(f"{type(central[0]).__name__}(placement='central') adds noise to the plaintext mean, "
+                                 "which a CKKS server never has; use placement='distributed'")
+        self.ckks = ckks
+        self.encrypted_aggregates: list[bytes] = []
         self.defense = defense
         self.fraction = fraction
         self.min_clients = min_clients
@@ -149,8 +169,11 @@ class PrivflStrategy(Strategy):
                         grid: Grid) -> Iterable[Message]:
         ctx = self.begin_round(server_round, arrays)
         sampled = ctx.sampled
-        return [Message(RecordDict({"privfl.state": arrays, CTX: context_to_record(ctx.for_client(c)),
-                                    "config": config}),
+        if self.encrypted_aggregates:  # CKKS: the clients hold the state; send them the encrypted mean
+            model_part: dict[str, Any] = {AGGREGATE: ConfigRecord({"ciphertext": self.encrypted_aggregates[-1]})}
+        else:
+            model_part = {"privfl.state": arrays}
+        return [Message(RecordDict({**model_part, CTX: context_to_record(ctx.for_client(c)), "config": config}),
                         dst_node_id=self._nodes[c], message_type=MessageType.TRAIN) for c in sampled]
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
@@ -173,6 +196,8 @@ class PrivflStrategy(Strategy):
                 if m is None or int(m.get("client_id", -1)) != cid:
                     raise MalformedPayloadError("metrics missing or client_id does not match the node")
                 payload = content_to_payload(reply.content, self._server.global_state)
+                if self.ckks is not None and not isinstance(payload, bytes):
+                    raise MalformedPayloadError("a plaintext update arrived where CKKS ciphertext was expected")
             except MalformedPayloadError as e:
                 rejected[cid] = str(e)
                 log.warning("round %d: client %d rejected: %s", ctx.round, cid, e)
@@ -183,6 +208,8 @@ class PrivflStrategy(Strategy):
         if len(received) < self.min_clients:
             raise RoundFailedError(f"round {ctx.round}: {len(received)} valid payloads, min_clients = "
                                    f"{self.min_clients} (rejected: {rejected or 'none'})")
+        if self.ckks is not None:
+            return self._aggregate_encrypted(payloads, ctx, received, rejected, losses)
         agg_ctx = ctx
         if len(received) < len(ctx.sampled) and not self.defense.hides_individual_updates:
             # plain payloads: aggregate the survivors with renormalised weights (crypto defenses get the
@@ -195,6 +222,10 @@ class PrivflStrategy(Strategy):
         self._server.aggregate(payloads, agg_ctx)
         if self.model is not None:
             clamp_running_variances(self.model, self._server.global_state)
+        return state_to_record(self._server.global_state), self._round_metrics(ctx, received, rejected, losses)
+
+    def _round_metrics(self, ctx: RoundContext, received: list[int], rejected: dict[int, str],
+                       losses: dict[int, float]) -> MetricRecord:
         total = sum(ctx.weight_of(c) for c in received)
         train_loss = sum(ctx.weight_of(c) * losses[c] for c in received) / total
         privacy = None
@@ -208,7 +239,40 @@ class PrivflStrategy(Strategy):
                                            "rejected": len(rejected)}
         if privacy is not None:
             metrics["epsilon"] = float(privacy["epsilon"])
-        return state_to_record(self._server.global_state), MetricRecord(metrics)
+        return MetricRecord(metrics)
+
+    def _aggregate_encrypted(self, payloads: list[Payload], ctx: RoundContext, received: list[int],
+                             rejected: dict[int, str], losses: dict[int, float]
+                             ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """CKKS: sum the ciphertexts (payloads that fail to parse are rejected and the rest summed
+        again), record the noise stages' privacy events, keep the encrypted mean for the clients."""
+        assert self.ckks is not None
+        try:
+            encrypted = self.ckks.aggregate(payloads, ctx.weights)
+        except CKKSPayloadError:
+            for i, p in enumerate(payloads):  # find the culprits: each payload alone
+                if p is None:
+                    continue
+                try:
+                    self.ckks.aggregate([p], [1.0])
+                except CKKSPayloadError as e:
+                    cid = ctx.sampled[i]
+                    rejected[cid] = _short(str(e))
+                    log.warning("round %d: client %d rejected: %s", ctx.round, cid, rejected[cid])
+                    payloads[i] = None
+                    received.remove(cid)
+            if len(received) < self.min_clients:
+                raise RoundFailedError(f"round {ctx.round}: {len(received)} valid payloads, min_clients = "
+                                       f"{self.min_clients} (rejected: {rejected})") from None
+            encrypted = self.ckks.aggregate(payloads, ctx.weights)
+        survivors_ctx = with_survivors(ctx, payloads)
+        for stage in reversed(getattr(self.defense, "stages", (self.defense,))):
+            if hasattr(stage, "event") and getattr(stage, "accountant", None) is not None:
+                event = stage.event(survivors_ctx)
+                stage.accountant.check_budget(event)
+                stage.accountant.record(event)
+        self.encrypted_aggregates.append(encrypted)
+        return None, self._round_metrics(ctx, received, rejected, losses)
 
     # ---- no federated evaluation (use evaluate_fn on the server for a global test split) -------
 
