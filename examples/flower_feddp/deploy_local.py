@@ -74,7 +74,10 @@ def main(argv: list[str] | None = None) -> int:
         f'[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\naddress = "127.0.0.1:{link}"\ninsecure = true\n')
     # FLWR_HOME keeps Flower's state in a temporary folder; privfl is already installed in this
     # environment, so Flower must not build a fresh one from PyPI (privfl is not published there)
+    # Flower's processes start helpers (flower-superexec, flwr-clientapp) by name: this environment's
+    # bin/ must come first on PATH even when the venv is not activated
     env = {**os.environ, "FLWR_HOME": str(home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+           "PATH": os.pathsep.join([str(BIN), os.environ.get("PATH", "")]),
            "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])}
     logs = home / "logs"
     logs.mkdir()
