@@ -935,6 +935,18 @@ class SecAggServer:
         if session_id != self.config.session_id:
             raise SecAggProtocolError("server: message for another session")
 
+    def _accept(self, phase: str, step: str, msg: Any, cls: type) -> Any:
+        """A client message in ``phase``: parsed, of this session."""
+        self._expect(phase, step)
+        parsed = _parse(msg, cls)
+        self._check_session(parsed.session_id)
+        return parsed
+
+    @staticmethod
+    def _check_sender(client: int, allowed: Any, seen: Any, what: str) -> None:
+        if client not in allowed or client in seen:
+            raise SecAggProtocolError(f"server: {what} client {client}")
+
     def _abort(self, message: str) -> InsufficientClientsError:
         self.phase = "aborted"
         self._acc = None
@@ -943,12 +955,9 @@ class SecAggServer:
 
     # round 0
     def receive_advertisement(self, msg: AdvertiseKeys | bytes) -> None:
-        self._expect("advertise", "receive_advertisement")
-        msg = _parse(msg, AdvertiseKeys)
-        self._check_session(msg.session_id)
+        msg = self._accept("advertise", "receive_advertisement", msg, AdvertiseKeys)
         cid = msg.client_id
-        if cid not in self.config.clients or cid in self._adverts:
-            raise SecAggProtocolError(f"server: advertisement from uninvited or repeated client {cid}")
+        self._check_sender(cid, self.config.clients, self._adverts, "advertisement from uninvited or repeated")
         if self._known is not None and self._known.get(cid) != msg.sign_public:
             raise SecAggIntegrityError(f"client {cid}'s signing key is not its registered key")
         crypto.verify(msg.sign_public, msg.signature, msg.signed_payload(), f"advertisement of client {cid}")
@@ -965,12 +974,9 @@ class SecAggServer:
 
     # round 1
     def receive_shares(self, msg: ShareKeys | bytes) -> None:
-        self._expect("share", "receive_shares")
-        msg = _parse(msg, ShareKeys)
-        self._check_session(msg.session_id)
+        msg = self._accept("share", "receive_shares", msg, ShareKeys)
         u = msg.sender
-        if u not in self.u1 or u in self._share_msgs:
-            raise SecAggProtocolError(f"server: shares from unknown or repeated client {u}")
+        self._check_sender(u, self.u1, self._share_msgs, "shares from unknown or repeated")
         crypto.verify(self._adverts[u].sign_public, msg.signature, msg.signed_payload(), f"shares of client {u}")
         recipients = [e.recipient for e in msg.shares]
         if any(e.sender != u for e in msg.shares) or sorted(recipients) != sorted(self.u1 - {u}):
@@ -991,12 +997,9 @@ class SecAggServer:
     # round 2
     def receive_masked_input(self, msg: MaskedInput | bytes) -> None:
         """Verify a masked input's signature and add it into the running sum (rolled back if invalid)."""
-        self._expect("mask", "receive_masked_input")
-        msg = _parse(msg, MaskedInput)
-        self._check_session(msg.session_id)
+        msg = self._accept("mask", "receive_masked_input", msg, MaskedInput)
         u = msg.client_id
-        if u not in self.u2 or u in self._inputs:
-            raise SecAggProtocolError(f"server: masked input from unknown or repeated client {u}")
+        self._check_sender(u, self.u2, self._inputs, "masked input from unknown or repeated")
         if self.length is not None and msg.length != self.length:
             raise SecAggProtocolError(f"server: client {u} sent {msg.length} parameters, others {self.length}")
         data = msg.data
@@ -1042,12 +1045,9 @@ class SecAggServer:
 
     # round 4
     def receive_unmask_response(self, msg: UnmaskResponse | bytes) -> None:
-        self._expect("unmask", "receive_unmask_response")
-        msg = _parse(msg, UnmaskResponse)
-        self._check_session(msg.session_id)
+        msg = self._accept("unmask", "receive_unmask_response", msg, UnmaskResponse)
         u = msg.client_id
-        if u not in self.u3 or u in self._responses:
-            raise SecAggProtocolError(f"server: unmask response from unknown or repeated client {u}")
+        self._check_sender(u, self.u3, self._responses, "unmask response from unknown or repeated")
         crypto.verify(self._adverts[u].sign_public, msg.signature, msg.signed_payload(),
                       f"unmask response of client {u}")
         b_owners = [o for o, _ in msg.b_shares]
