@@ -242,6 +242,18 @@ def test_masked_input_from_one_client_cannot_be_claimed_by_another():
         r.server.receive_masked_input(stolen.to_bytes())
 
 
+def _signed_lie(r, liar_id: int, request, about: int) -> UnmaskResponse:
+    """Client ``liar_id``'s unmask response with one bit of its share of ``b_about`` flipped, validly
+    signed: only the Shamir consistency check or the commitment can catch it."""
+    honest = r.clients[liar_id].unmask(request)
+    b = dict(honest.b_shares)
+    share = bytearray(b[about])
+    share[-1] ^= 1
+    b[about] = bytes(share)
+    lie = UnmaskResponse(honest.session_id, honest.client_id, tuple(sorted(b.items())), honest.s_shares)
+    return dataclasses.replace(lie, signature=crypto.sign(r.clients[liar_id]._sign_key, lie.signed_payload()))
+
+
 def test_tampered_unmask_response_and_lying_client_detected():
     rng = np.random.default_rng(6)
     r = Round(IDS5, W5, 3).setup()
@@ -255,13 +267,7 @@ def test_tampered_unmask_response_and_lying_client_detected():
         r.server.receive_unmask_response(bytes(raw))
     # client 1 lies about its share of b_2 but signs the lie: with 4 responders > t the Shamir
     # consistency check catches it at reconstruction
-    liar = r.clients[1].unmask(request)
-    b = dict(liar.b_shares)
-    share = bytearray(b[2])
-    share[-1] ^= 1
-    b[2] = bytes(share)
-    lie = UnmaskResponse(liar.session_id, liar.client_id, tuple(sorted(b.items())), liar.s_shares)
-    lie = dataclasses.replace(lie, signature=crypto.sign(r.clients[1]._sign_key, lie.signed_payload()))
+    lie = _signed_lie(r, 1, request, about=2)
     r.server.receive_unmask_response(resp)
     r.server.receive_unmask_response(lie)
     for c in (2, 3):
@@ -274,14 +280,7 @@ def test_wrong_share_with_exactly_t_responders_caught_by_commitment():
     r = Round(IDS5, W5, 3).setup()
     r.send_inputs(_updates(np.random.default_rng(7), IDS5, 10), IDS5)
     request = r.server.unmask_request()
-    liar = r.clients[0].unmask(request)
-    b = dict(liar.b_shares)
-    share = bytearray(b[3])
-    share[-1] ^= 1
-    b[3] = bytes(share)
-    lie = UnmaskResponse(liar.session_id, liar.client_id, tuple(sorted(b.items())), liar.s_shares)
-    r.server.receive_unmask_response(dataclasses.replace(
-        lie, signature=crypto.sign(r.clients[0]._sign_key, lie.signed_payload())))
+    r.server.receive_unmask_response(_signed_lie(r, 0, request, about=3))
     for c in (1, 2):
         r.server.receive_unmask_response(r.clients[c].unmask(request))
     with pytest.raises(SecAggIntegrityError, match="commitment"):
