@@ -31,6 +31,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -40,6 +41,8 @@ __all__ = [
     "flatten_floating",
     "SpecEntry",
     "UpdateSpec",
+    "spec_fields",
+    "spec_from_fields",
     "flatten",
     "unflatten",
     "difference",
@@ -649,3 +652,44 @@ def flatten_floating(update: object, what: str, *, finite: bool = True) -> tuple
         bad = [k for k, t in update.items() if not bool(torch.isfinite(t).all())]
         raise InvalidUpdateError(f"{what}: update has NaN or inf values in {bad[:5]}")
     return vec, spec
+
+
+def spec_fields(spec: UpdateSpec) -> dict[str, Any]:
+    """The layout as JSON-ready fields: ``vector_dtype``, ``entries`` (``[name, shape, dtype]`` per
+    entry) and ``numel`` — public metadata, e.g. to send next to an encrypted or masked vector."""
+    entries = [[e.name, list(e.shape), str(e.dtype).removeprefix("torch.")] for e in spec.entries]
+    return {"vector_dtype": str(spec.dtype).removeprefix("torch."), "entries": entries, "numel": spec.numel}
+
+
+def spec_from_fields(fields: Mapping[str, Any], what: str = "layout") -> UpdateSpec:
+    """Inverse of :func:`spec_fields` for floating layouts (other keys of ``fields`` are ignored).
+
+    Raises:
+        InvalidUpdateError: missing or malformed fields, a non-floating dtype, or a ``numel`` that
+            does not match the entries.
+    """
+    entries: list[SpecEntry] = []
+    offset = 0
+    try:
+        for name, shape, dtype in fields["entries"]:
+            shape_t = tuple(int(s) for s in shape)
+            if any(s < 0 for s in shape_t):
+                raise ValueError(f"negative dimension in {shape_t}")
+            numel = math.prod(shape_t)
+            entries.append(SpecEntry(str(name), shape_t, _float_dtype(dtype, what), numel, offset))
+            offset += numel
+        spec = UpdateSpec(tuple(entries), _float_dtype(fields["vector_dtype"], what))
+    except (KeyError, TypeError, ValueError) as e:
+        if isinstance(e, InvalidUpdateError):
+            raise
+        raise InvalidUpdateError(f"{what}: malformed update layout ({e})") from None
+    if spec.numel != fields.get("numel"):
+        raise InvalidUpdateError(f"{what}: says {fields.get('numel')} values, its entries {spec.numel}")
+    return spec
+
+
+def _float_dtype(name: object, what: str) -> torch.dtype:
+    dtype = getattr(torch, str(name), None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise InvalidUpdateError(f"{what}: {name!r} is not a floating torch dtype")
+    return dtype

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from dataclasses import replace
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ from privfl.data import SyntheticHistology, partition  # noqa: E402
 from privfl.defenses import ClipUpdate, Compose, FedDPNoise, GaussianMechanism, PartialSharing  # noqa: E402
 from privfl.defenses.base import RoundContext  # noqa: E402
 from privfl.defenses.rng import SeededNoise  # noqa: E402
+from privfl.defenses.secagg import SecureAggregation  # noqa: E402
 from privfl.fl import ClientConfig, run_federated  # noqa: E402
 from privfl.fl.client import Client, trainable_state  # noqa: E402
 from privfl.fl.device import make_fabric  # noqa: E402
@@ -53,6 +55,8 @@ DEFENSES = {
     "partial+central": lambda: Compose(PartialSharing(share=["down.*"]), ClipUpdate(0.5),
                                        GaussianMechanism(noise_multiplier=1.0, placement="central",
                                                          noise=SeededNoise(SEED))),
+    "secagg+distributed": lambda: Compose(ClipUpdate(0.5), GaussianMechanism(
+        noise_multiplier=1.0, placement="distributed", noise=SeededNoise(SEED)), SecureAggregation(2, clip_range=2.0)),
 }
 
 
@@ -91,14 +95,73 @@ def test_wrong_shapes_and_nan_are_refused():
         content_to_payload(nan, state)
 
 
+def test_layout_record_round_trips_and_bad_layouts_are_named():
+    from privfl.integrations.flower.codec import LAYOUT, layout_to_record, record_to_layout
+    from privfl.updates import flatten
+
+    spec = flatten(trainable_state(_model()))[1]
+    assert record_to_layout(RecordDict({LAYOUT: layout_to_record(spec)})) == spec
+    for bad, reason in [({}, "without its 'privfl.layout'"), ({"layout": "[1, 2]"}, "bad 'privfl.layout'"),
+                        ({"layout": '{"entries": [["w", [2], "int64"]], "vector_dtype": "float32", "numel": 2}'},
+                         "not a floating"),
+                        ({"layout": '{"entries": [["w", [2], "float32"]], "vector_dtype": "float32", "numel": 3}'},
+                         "says 3 values")]:
+        with pytest.raises(MalformedPayloadError, match=reason):
+            record_to_layout(RecordDict({LAYOUT: ConfigRecord(bad)}))
+
+
+def test_client_secagg_queries_keep_the_protocol_state_on_the_node(monkeypatch):
+    """Unit level: a node answers the key rounds from its context.state alone; a query out of turn
+    or to a node whose defense has no SecureAggregation stage is refused."""
+    from flwr.app import RecordDict as RD
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from privfl.defenses.secagg import SecAggClient, SecAggConfig, SecAggServer
+    from privfl.integrations.flower.codec import SECAGG
+
+    for field in ("_run_id", "_node_id", "_task_id"):  # what a ClientApp process would have set
+        monkeypatch.setattr(TaskIdentity, field, 1)
+
+    def query(node, step, message):
+        msg = Message(RD({SECAGG: ConfigRecord({"step": step, "message": message})}), dst_node_id=1,
+                      message_type="query")
+        reply = node.query(msg, contexts[node.client_id])
+        return reply.content.config_records[SECAGG]["message"]
+
+    nodes = [PrivflClient(lambda: SecureAggregation(2, clip_range=1.0), None, client_id=c, num_examples=4)
+             for c in range(2)]
+    contexts = [Context(run_id=1, node_id=c, node_config={}, state=RD(), run_config={}) for c in range(2)]
+    cfg = SecAggConfig.create([0, 1], [0.5, 0.5], 2, 1.0)
+    server = SecAggServer(cfg)
+    for n in nodes:
+        server.receive_advertisement(query(n, "advertise", cfg.to_bytes()))
+    keys = server.key_list().to_bytes()
+    for n in nodes:
+        server.receive_shares(query(n, "share_keys", keys))
+    for c, d in server.share_deliveries().items():
+        assert query(nodes[c], "receive_shares", d.to_bytes()) == b""
+    saved = SecAggClient.from_state_bytes(contexts[0].state.config_records["privfl.secagg-client"]["state"])
+    assert saved.phase == "ready" and saved.config == cfg
+    fresh = Context(run_id=1, node_id=5, node_config={}, state=RD(), run_config={})
+    contexts.append(fresh)
+    late = PrivflClient(lambda: SecureAggregation(2, clip_range=1.0), None, client_id=2, num_examples=4)
+    with pytest.raises(Exception, match="no secure-aggregation round in progress"):
+        query(late, "unmask", b"")
+    plain = PrivflClient(lambda: FedDPNoise(0.01, 0.5), None, client_id=2, num_examples=4)
+    with pytest.raises(Exception, match="does not end with SecureAggregation"):
+        query(plain, "advertise", cfg.to_bytes())
+
+
 # ---------------------------------------------------------------------------------------------
 # simulation vs run_federated
 # ---------------------------------------------------------------------------------------------
 
 
-def _apps(defense_name: str, strategies: list, corrupt: int | None = None, min_clients: int = 2):
+def _apps(defense_name: str, strategies: list, corrupt: int | None = None, min_clients: int = 2,
+          fail_unmask: int | None = None):
     """A ServerApp and ClientApp running ``DEFENSES[defense_name]``; the strategy lands in ``strategies``.
-    Client ``corrupt`` (if given) sends a payload with a wrong shape."""
+    Client ``corrupt`` (if given) sends a payload with a wrong shape (a plain update) or a flipped
+    byte (a masked input); client ``fail_unmask`` crashes when asked to unmask."""
     clients_data = _federation()
 
     def fit_for(cid: int):
@@ -116,15 +179,23 @@ def _apps(defense_name: str, strategies: list, corrupt: int | None = None, min_c
 
     @client_app.query()
     def query(msg: Message, context: Context) -> Message:
+        secagg = msg.content.config_records.get("privfl.secagg")
+        if secagg is not None and secagg["step"] == "unmask" and int(context.node_config["partition-id"]) == fail_unmask:
+            raise ConnectionError("node went offline")
         return privfl_client(context).query(msg, context)
 
     @client_app.train()
     def train(msg: Message, context: Context) -> Message:
         reply = privfl_client(context).train(msg, context)
         if corrupt is not None and int(context.node_config["partition-id"]) == corrupt:
-            arrays = reply.content.array_records["privfl.state"]
-            first = next(iter(arrays))
-            arrays[first] = Array(torch.zeros(7).numpy())
+            if "privfl.bytes" in reply.content.config_records:
+                blob = bytearray(reply.content.config_records["privfl.bytes"]["payload"])
+                blob[-100] ^= 1  # one bit of the masked vector: its signature no longer verifies
+                reply.content.config_records["privfl.bytes"]["payload"] = bytes(blob)
+            else:
+                arrays = reply.content.array_records["privfl.state"]
+                first = next(iter(arrays))
+                arrays[first] = Array(torch.zeros(7).numpy())
         return reply
 
     server_app = ServerApp()
@@ -150,7 +221,7 @@ def _simulate(defense_name: str, **kw) -> PrivflStrategy:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("defense_name", list(DEFENSES))
+@pytest.mark.parametrize("defense_name", ["feddp", "partial+central"])  # secagg: with a dropout, below
 def test_flower_simulation_matches_run_federated(defense_name):
     strategy = _simulate(defense_name)
     reference_defense = DEFENSES[defense_name]()
@@ -165,6 +236,47 @@ def test_flower_simulation_matches_run_federated(defense_name):
     privfl_eps = [h["privacy"]["epsilon"] for h in reference.history]
     assert flower_eps == pytest.approx(privfl_eps, rel=1e-9) and flower_eps[-1] > 0
     assert all(h["rejected"] == {} and h["received"] == [0, 1, 2] for h in strategy.history)
+
+
+@pytest.mark.slow
+def test_secure_aggregation_on_flower_survives_an_unmask_dropout_and_holds_no_client_secret():
+    """Client 1 sends its masked input, then goes offline when asked to unmask: its self mask is
+    rebuilt from the others' shares and its input still counts, so the model matches run_federated.
+    The server's stage talks to the nodes only through Flower messages."""
+    strategy = _simulate("secagg+distributed", fail_unmask=1)
+    stage = strategy.defense.stages[-1]
+    assert type(stage.transport).__name__ == "FlowerSecAggTransport" and stage._client is None
+    assert stage.last_report.survivors == (0, 1, 2) and stage.last_report.dropped_before_unmask == (1,)
+    reference = run_federated(_model(), _federation(), None, ROUNDS, config=CFG, defense=DEFENSES["secagg+distributed"](),
+                              seed=SEED, val_fraction=0.0, augment=None, accelerator="cpu", progress=False)
+    final = record_to_state(strategy.result.arrays)
+    for k, v in reference.global_state.items():  # the same integer sums: equal up to float rounding
+        torch.testing.assert_close(final[k], v, rtol=1e-5, atol=1e-6, msg=k)
+    assert [h["privacy"]["epsilon"] for h in strategy.history] == pytest.approx(
+        [h["privacy"]["epsilon"] for h in reference.history], rel=1e-9)
+    assert all("unmask" in h["rejected"][1] and h["received"] == [0, 1, 2] for h in strategy.history)
+
+
+@pytest.mark.slow
+def test_secure_aggregation_on_flower_rejects_a_tampered_masked_input(caplog):
+    """A flipped bit in client 2's masked input fails its signature: the server drops it (its
+    pairwise masks are removed through its reconstructed key), logs why, and the round completes
+    with clients 0 and 1; the distributed noise is accounted for the two inputs in the mean."""
+    caplog.set_level(logging.WARNING)
+    strategy = _simulate("secagg+distributed", corrupt=2)
+    for h in strategy.history:
+        assert h["received"] == [0, 1] and "SecAggIntegrityError" in h["rejected"][2]
+    assert strategy.defense.stages[-1].last_report.dropped_before_input == (2,)
+    assert "client 2 dropped" in caplog.text
+
+    def epsilon_with(survivors):  # the accountant of ROUNDS rounds whose mean carries these inputs' noise
+        noise = DEFENSES["secagg+distributed"]().stages[1]
+        for r in range(ROUNDS):
+            noise.accountant.record(noise.event(replace(strategy._ctx, round=r, extra={"survivors": survivors})))
+        return noise.accountant.epsilon().epsilon
+
+    assert strategy.accountant.epsilon().epsilon == pytest.approx(epsilon_with((0, 1)), rel=1e-9)
+    assert epsilon_with((0, 1)) > epsilon_with((0, 1, 2))
 
 
 @pytest.mark.slow
@@ -192,23 +304,24 @@ def test_below_minimum_fails_cleanly():
 
 @pytest.mark.slow
 def test_example_runs_in_deployment_mode_on_loopback():
-    """SuperLink + 3 SuperNodes on 127.0.0.1, `flwr run`, 2 rounds with FedDP, partial sharing and CKKS,
-    clean shutdown (about 2 minutes)."""
+    """SuperLink + 3 SuperNodes on 127.0.0.1, `flwr run`, 2 rounds with FedDP, partial sharing and
+    secure aggregation, clean shutdown (about 3 minutes)."""
     import subprocess
     import sys
     from pathlib import Path
 
     script = Path(__file__).resolve().parents[1] / "examples" / "flower_feddp" / "deploy_local.py"
-    run = subprocess.run([sys.executable, str(script), "--rounds", "2", "--crypto", "ckks"], capture_output=True,
+    run = subprocess.run([sys.executable, str(script), "--rounds", "2", "--crypto", "secagg"], capture_output=True,
                          text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "privfl: 2 rounds, ε = 0.497 at δ = 1e-05" in run.stdout  # the same ε as in simulation
     assert '"rejected": [{}, {}]' in run.stdout
-    assert "the server holds 2 encrypted aggregates and no model" in run.stdout
+    # each node kept its protocol state across messages (a fresh ClientApp process each time)
+    assert "secure aggregation, last round's sum over clients [0, 1, 2]" in run.stdout
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("crypto", ["none"])  # --crypto ckks: the deployment test and the CKKS simulation test
+@pytest.mark.parametrize("crypto", ["ckks"])  # secagg: the deployment test; none: the same code without a stage
 def test_example_runs_in_simulation(crypto):
     import subprocess
     import sys

@@ -18,8 +18,10 @@ from privfl.defenses.secagg import (
     InsufficientClientsError,
     OverflowRiskError,
     SaturationWarning,
+    SecAggClient,
     SecAggIntegrityError,
     SecAggProtocolError,
+    SecAggTransport,
     SecureAggregation,
 )
 from privfl.defenses.secagg.protocol import MaskedInput
@@ -272,3 +274,92 @@ def test_unflatten_roundtrip_of_mean_keeps_structure():
     vec, spec = flatten(mean)
     assert spec.dtype == torch.float64
     assert unflatten(vec, spec).keys() == ups[0].keys()
+
+
+# ------------------------------------------------------------------------------ over a transport
+
+class _NetworkOfClients(SecAggTransport):
+    """A fault-tolerant transport whose clients live apart from the server's defense: each is a
+    separate ``SecureAggregation`` client instance with its own ``SecAggClient``, restored from its
+    saved state bytes before every message (as a fresh process would be)."""
+
+    fault_tolerant = True
+
+    def __init__(self, ids, tamper=None, offline=None):
+        self.saved = {c: None for c in ids}
+        self.tamper, self.offline = tamper or {}, offline or {}  # {step: client}
+
+    def exchange(self, step, messages):
+        out = {}
+        for c, m in messages.items():
+            if self.offline.get(step) == c:
+                continue
+            client = SecAggClient(c) if step == "advertise" else SecAggClient.from_state_bytes(self.saved[c])
+            reply = client.handle(step, m)
+            self.saved[c] = client.state_bytes()
+            if self.tamper.get(step) == c:
+                reply = reply[:-1] + bytes([reply[-1] ^ 1])  # breaks the signature
+            out[c] = reply
+        return out
+
+    def protect(self, update, ctx):
+        client_side = SecureAggregation(3, clip_range=1.0)
+        party = SecAggClient.from_state_bytes(self.saved[ctx.client_id])
+        client_side.use_client(party)
+        payload = client_side.protect(update, ctx)
+        self.saved[ctx.client_id] = party.state_bytes()
+        return payload, client_side.layout
+
+
+def _remote_round(transport, updates, ctx, drop_before_input=()):
+    server = SecureAggregation(3, clip_range=1.0, keep_result=True, transport=transport)
+    server.before_round(ctx)
+    payloads, layouts = [], []
+    for c, u in zip(ctx.sampled, updates):
+        if c in drop_before_input or c not in server.ready_clients:
+            payloads.append(None)
+            continue
+        payload, layout = transport.protect(u, ctx.for_client(c))
+        payloads.append(payload)
+        layouts.append(layout)
+    server.set_layout(layouts[0])
+    return server, server.aggregate(payloads, ctx)
+
+
+def test_remote_clients_give_the_in_process_mean():
+    g = torch.Generator().manual_seed(21)
+    ups = [_update(g) for _ in range(5)]
+    ctx = _ctx(5, [0.1, 0.3, 0.2, 0.25, 0.15])
+    server, mean = _remote_round(_NetworkOfClients(range(5), offline={"unmask": 4}), ups, ctx,
+                                 drop_before_input={1})
+    assert server.last_report.dropped_before_input == (1,) and server.last_report.dropped_before_unmask == (4,)
+    _check_exact(server, mean, ups, ctx, [0, 2, 3, 4])
+    assert server.aggregated_clients == (0, 2, 3, 4) and server.last_report.rejected == {}
+
+
+@pytest.mark.parametrize("step, culprit, where", [("advertise", 2, "clients"), ("share_keys", 3, "ready"),
+                                                  ("unmask", 0, "responders")])
+def test_remote_client_with_a_bad_message_is_dropped_and_named(step, culprit, where, caplog):
+    g = torch.Generator().manual_seed(22)
+    ups = [_update(g) for _ in range(5)]
+    ctx = _ctx(5)
+    server, mean = _remote_round(_NetworkOfClients(range(5), tamper={step: culprit}), ups, ctx)
+    rep = server.last_report
+    assert "SecAggIntegrityError" in rep.rejected[culprit] and f"client {culprit} dropped" in caplog.text
+    survivors = [c for c in range(5) if c != culprit] if step != "unmask" else list(range(5))
+    assert list(rep.survivors) == survivors  # an unmask responder's input still counts
+    _check_exact(server, mean, ups, ctx, survivors)
+
+
+def test_remote_server_cannot_protect_and_client_checks_its_round():
+    ctx = _ctx(3)
+    server = SecureAggregation(2, clip_range=1.0, transport=_NetworkOfClients(range(3)))
+    server.before_round(ctx)
+    with pytest.raises(SecAggProtocolError, match="protect runs on the clients"):
+        server.protect(_update(torch.Generator().manual_seed(0)), ctx.for_client(0))
+    client_side = SecureAggregation(2, clip_range=1.0)
+    client_side.use_client(SecAggClient.from_state_bytes(server.transport.saved[1]))
+    with pytest.raises(SecAggProtocolError, match="another round or client"):
+        client_side.protect(_update(torch.Generator().manual_seed(0)), ctx.for_client(2))
+    with pytest.raises(SecAggProtocolError, match="layout is unknown"):
+        server.aggregate([None, None, None], ctx)

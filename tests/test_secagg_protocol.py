@@ -440,3 +440,64 @@ def test_every_message_round_trips_through_bytes():
 def test_dequantized_mean_helper_matches():
     s = np.array([3, -4, 1 << 20], dtype=np.int32)
     np.testing.assert_array_equal(dequantize(s, 10, 0.5, np.float64), s / (0.5 * 1024))
+
+
+# ------------------------------------------------------------------------------ client state across processes
+
+def _restored(client):
+    """The client as a fresh process would see it: only its saved state bytes survive."""
+    return SecAggClient.from_state_bytes(client.state_bytes(), threads=2)
+
+
+def test_client_restored_from_state_bytes_at_every_step_gives_the_same_sum():
+    """A client that saves its state after every step and is rebuilt from the bytes (a Flower
+    ClientApp in a fresh process) completes the round with an exact sum, dropouts included."""
+    rng = np.random.default_rng(11)
+    r = Round(IDS5, W5, 3)
+    ups = _updates(rng, IDS5, 90)
+    cfg = r.cfg.to_bytes()
+    for c in IDS5:
+        r.server.receive_advertisement(r.clients[c].advertise(cfg).to_bytes())
+        r.clients[c] = _restored(r.clients[c])
+    keys = r.server.key_list().to_bytes()
+    for c in IDS5:
+        r.server.receive_shares(r.clients[c].share_keys(keys).to_bytes())
+        r.clients[c] = _restored(r.clients[c])
+    for c, d in r.server.share_deliveries().items():
+        r.clients[c].receive_shares(d.to_bytes())
+        r.clients[c] = _restored(r.clients[c])
+    senders = [0, 1, 2, 4]  # 3 drops before its input: its s^SK shares are revealed by the others
+    for c in senders:
+        r.server.receive_masked_input(r.clients[c].masked_input(ups[c]).to_bytes())
+        r.clients[c] = _restored(r.clients[c])
+    assert r.clients[0].phase == "masked" and r.clients[0].saturated == 0
+    result = r.unmask([0, 2, 4])
+    assert result.dropped_before_input == (3,)
+    _assert_exact(r.cfg, result, ups, senders)
+
+
+def test_restored_client_keeps_forward_secrecy_and_bonawitz_rule():
+    r = Round(IDS5, W5, 3).setup()
+    before = r.clients[0].state_bytes()
+    assert r.clients[0]._s_sk in before and r.clients[0]._seed in before  # secrets are in it: keep it local
+    r.send_inputs(_updates(np.random.default_rng(12), IDS5, 20), [0, 1, 2, 3])
+    after = r.clients[0].state_bytes()
+    assert len(after) < len(before)  # s^SK, b and the mask keys are deleted after masking, so not saved either
+    restored = _restored(r.clients[0])
+    assert "_s_sk" not in restored.__dict__ and "_seed" not in restored.__dict__ and "_terms" not in restored.__dict__
+    assert restored.state_bytes() == after
+    restored.unmask(UnmaskRequest(r.cfg.session_id, (0, 1, 2, 3)))  # reveals b-shares of 0..3
+    again = _restored(restored)
+    with pytest.raises(SecAggProtocolError, match="already revealed its share of b_3"):
+        again.unmask(UnmaskRequest(r.cfg.session_id, (0, 1, 2)))  # would reveal 3's s^SK share too
+
+
+@pytest.mark.parametrize("cut", [0, 5, 7, 40, -1])
+def test_malformed_client_state_is_a_protocol_error(cut):
+    r = Round(IDS5, W5, 3).setup()
+    state = r.clients[2].state_bytes()
+    bad = state[:cut] if cut >= 0 else state + b"\x01\x00\x00\x00x"
+    with pytest.raises(SecAggProtocolError):
+        SecAggClient.from_state_bytes(bad)
+    with pytest.raises(SecAggProtocolError, match="not a saved"):
+        SecAggClient.from_state_bytes(r.cfg.to_bytes())

@@ -59,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--timeout", type=float, default=600, help="seconds before the run is abandoned")
-    ap.add_argument("--crypto", choices=("none", "ckks"), default="none", help="CKKS-encrypt what clients send")
+    ap.add_argument("--crypto", choices=("none", "ckks", "secagg"), default="none",
+                    help="CKKS-encrypt what clients send, or secure-aggregate it")
     args = ap.parse_args(argv)
     home = Path(tempfile.mkdtemp(prefix="privfl-flwr-"))
     run_config = f"num-server-rounds={args.rounds}"
@@ -69,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
 
         make_keys(str(home / "keys"))
         run_config += f" crypto='ckks' keys-dir='{home / 'keys'}'"
+    elif args.crypto == "secagg":  # nothing to set up: keys are fresh every round
+        run_config += " crypto='secagg'"
     link = _free_port()  # Flower >= 1.41 serves the Fleet, Control and Runtime APIs on one HTTP port
     (home / "config.toml").write_text(
         f'[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\naddress = "127.0.0.1:{link}"\ninsecure = true\n')

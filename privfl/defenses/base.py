@@ -81,9 +81,16 @@ class Defense(ABC):
         hides_individual_updates: ``True`` for aggregators after which the server sees only the
             aggregate (secure aggregation, homomorphic encryption). Distributed DP noise is only
             meaningful in front of one.
+
+    Attributes:
+        aggregated_clients: set by an :meth:`aggregate` that can drop a received payload (e.g. secure
+            aggregation rejecting an input whose signature fails): the clients whose payload is in
+            the last aggregate. ``None``: every non-``None`` payload is. :class:`Compose` accounts
+            the noise stages with it.
     """
 
     hides_individual_updates: bool = False
+    aggregated_clients: tuple[int, ...] | None = None
 
     def before_round(self, ctx: RoundContext) -> None:
         """Server side, before any client trains: refuse the round (raise) if it must not run, e.g.
@@ -211,7 +218,10 @@ class Compose(Defense):
         for stage in self.stages:
             stage.before_round(ctx)  # no partial round: refuse before anything is aggregated
         ctx = with_survivors(ctx, payloads)
-        mean_update = self.stages[-1].aggregate(payloads, ctx)
+        last = self.stages[-1]
+        mean_update = last.aggregate(payloads, ctx)
+        if last.aggregated_clients is not None:  # it dropped some: account only what the mean carries
+            ctx = replace(ctx, extra={**ctx.extra, "survivors": tuple(last.aggregated_clients)})
         for stage in reversed(self.stages[:-1]):
             mean_update = stage.finalize(mean_update, ctx)
         return mean_update

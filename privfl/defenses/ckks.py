@@ -82,10 +82,11 @@ import torch
 from privfl.defenses.base import Defense, Payload, RoundContext
 from privfl.updates import (
     InvalidUpdateError,
-    SpecEntry,
     Update,
     UpdateSpec,
     flatten_floating,
+    spec_fields,
+    spec_from_fields,
     unflatten,
 )
 
@@ -258,41 +259,16 @@ def _json(frame: memoryview, what: str) -> dict[str, Any]:
     return header
 
 
-def _spec_json(spec: UpdateSpec) -> tuple[str, list[list[Any]]]:
-    vector_dtype = str(spec.dtype).removeprefix("torch.")
-    entries = [[e.name, list(e.shape), str(e.dtype).removeprefix("torch.")] for e in spec.entries]
-    return vector_dtype, entries
-
-
 def _spec_id(vector_dtype: str, entries: list[list[Any]]) -> str:
     blob = json.dumps([vector_dtype, entries], separators=(",", ":")).encode()
     return hashlib.sha256(blob).hexdigest()[:32]
 
 
-def _float_dtype(name: str, what: str) -> torch.dtype:
-    dtype = getattr(torch, str(name), None)
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise CKKSPayloadError(f"{what}: {name!r} is not a floating torch dtype")
-    return dtype
-
-
 def _spec_from_header(header: dict[str, Any], what: str) -> UpdateSpec:
-    entries: list[SpecEntry] = []
-    offset = 0
     try:
-        for name, shape, dtype in header["entries"]:
-            shape_t = tuple(int(s) for s in shape)
-            numel = math.prod(shape_t)
-            entries.append(SpecEntry(str(name), shape_t, _float_dtype(dtype, what), numel, offset))
-            offset += numel
-        spec = UpdateSpec(tuple(entries), _float_dtype(header["vector_dtype"], what))
-    except (KeyError, TypeError, ValueError) as e:
-        if isinstance(e, CKKSPayloadError):
-            raise
-        raise CKKSPayloadError(f"{what}: malformed update layout in the header ({e})") from None
-    if spec.numel != header.get("numel"):
-        raise CKKSPayloadError(f"{what}: header says {header.get('numel')} values, its layout {spec.numel}")
-    return spec
+        return spec_from_fields(header, what)
+    except InvalidUpdateError as e:
+        raise CKKSPayloadError(str(e)) from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -503,12 +479,12 @@ class CKKSClient(_Party):
 
     def _frames(self, vec: torch.Tensor, spec: UpdateSpec, weight: float, bound: float) -> Iterator[bytes]:
         p = self.preset
-        vector_dtype, entries = _spec_json(spec)
+        layout = spec_fields(spec)
         n = vec.numel()
         header = {"format": "privfl-ckks", "version": 1, "kind": "update", "key_id": self.key_id, "preset": p.name,
                   "scale_bits": p.scale_bits, "slots": p.slots, "chunk_values": p.chunk_values,
-                  "chunks": -(-n // p.chunk_values), "numel": n, "vector_dtype": vector_dtype, "entries": entries,
-                  "spec_id": _spec_id(vector_dtype, entries), "bound": bound, "weight": weight}
+                  "chunks": -(-n // p.chunk_values), **layout, "numel": n,
+                  "spec_id": _spec_id(layout["vector_dtype"], layout["entries"]), "bound": bound, "weight": weight}
         yield _PAYLOAD_MAGIC + _frame(json.dumps(header, separators=(",", ":")).encode())
         factor = weight / bound
         for start in range(0, n, p.chunk_values):

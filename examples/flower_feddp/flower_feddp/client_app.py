@@ -18,8 +18,9 @@ def _client(context: Context) -> PrivflClient:
     data = client_data(cid, n, int(cfg["samples-per-client"]), size, seed)
     fit = make_fit(cid, data, int(cfg["num-server-rounds"]), size, seed, float(cfg["lr"]), int(cfg["batch-size"]))
     keys = ckks_keys(str(cfg["keys-dir"])) if cfg["crypto"] == "ckks" else None
-    return PrivflClient(lambda: make_defense(float(cfg["sigma"]), float(cfg["clip"]), bool(cfg["partial"]), keys),
-                        fit, client_id=cid, num_examples=len(data))
+    secagg = cfg["crypto"] == "secagg"
+    return PrivflClient(lambda: make_defense(float(cfg["sigma"]), float(cfg["clip"]), bool(cfg["partial"]), keys,
+                                             secagg), fit, client_id=cid, num_examples=len(data))
 
 
 @app.query()

@@ -12,6 +12,7 @@ from privfl.data import SyntheticHistology, partition
 from privfl.defenses import CKKSAggregation, Compose, FedDPNoise, PartialSharing
 from privfl.defenses.base import Defense
 from privfl.defenses.ckks import CKKSKeys, CKKSServer
+from privfl.defenses.secagg import SecureAggregation
 from privfl.fl import ClientConfig
 from privfl.fl.client import Client
 from privfl.fl.device import make_fabric
@@ -43,14 +44,22 @@ def client_data(client_id: int, num_clients: int, samples_per_client: int, size:
     return partition(data, "by_site", num_clients, seed=seed)[client_id]
 
 
-def make_defense(sigma: float, clip: float, partial: bool, keys: CKKSKeys | None = None) -> Defense:
-    """FedDP's Eq. 11 (clip to C, add N(0, σ²)), optionally with the decoder kept local and (client
-    side, with ``keys``) CKKS encryption of what is sent. The noise comes from privfl's ChaCha20
-    source (secure); the accountant proves the ε."""
+CRYPTO = ("none", "ckks", "secagg")
+
+
+def make_defense(sigma: float, clip: float, partial: bool, keys: CKKSKeys | None = None,
+                 secagg: bool = False) -> Defense:
+    """FedDP's Eq. 11 (clip to C, add N(0, σ²)), optionally with the decoder kept local and either
+    (client side, with ``keys``) CKKS encryption of what is sent or (both sides, ``secagg``)
+    Bonawitz secure aggregation among 2-of-n clients. The noise comes from privfl's ChaCha20 source
+    (secure); the accountant proves the ε."""
     stages: list[Defense] = [PartialSharing(share=["global_branch.*", "local_branch.*"])] if partial else []
     stages.append(FedDPNoise(sigma, clip))
-    if keys is not None:  # noised values exceed C: give CKKS a bound that covers the noise (6 σ)
+    # noised values exceed C: the crypto stage's range covers the noise (6 σ)
+    if keys is not None:
         stages.append(CKKSAggregation(keys.preset, keys=keys, bound=clip + 6 * sigma))
+    if secagg:
+        stages.append(SecureAggregation(2, clip_range=clip + 6 * sigma))
     return Compose(*stages)
 
 

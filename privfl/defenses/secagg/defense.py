@@ -12,12 +12,19 @@ client and one :class:`SecAggServer`, passing every message through its byte enc
 * ``aggregate(payloads, ctx)`` (server): ``None`` payloads are clients that dropped before sending;
   the unmask round runs with the clients that sent, except those in :attr:`drop_before_unmask`
   (simulated dropouts after sending). Returns the weighted mean over the survivors.
+
+The server reaches the clients through a :class:`SecAggTransport`: by default all of them live in
+this process; :mod:`privfl.integrations.flower` gives the server a transport of Flower messages and
+each node's instance its own :class:`SecAggClient` (:meth:`SecureAggregation.use_client`), so no
+process ever holds another party's secrets.
 """
 
 from __future__ import annotations
 
+import logging
 import warnings
-from collections.abc import Iterable, Sequence
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,20 +33,22 @@ import torch
 
 from privfl.defenses.base import Defense, Payload, RoundContext
 from privfl.defenses.dp import ClipUpdate
-from privfl.defenses.secagg.errors import InsufficientClientsError, SecAggProtocolError
+from privfl.defenses.secagg.errors import InsufficientClientsError, SecAggIntegrityError, SecAggProtocolError
 from privfl.defenses.secagg.protocol import (
+    CLIENT_STEPS,
     DEFAULT_BLOCK_WORDS,
     AggregateResult,
     MaskedInput,
     SecAggClient,
     SecAggConfig,
     SecAggServer,
-    UnmaskRequest,
 )
 from privfl.defenses.secagg.quantize import check_clip_range
 from privfl.updates import InvalidUpdateError, Update, UpdateSpec, flatten_floating, unflatten
 
-__all__ = ["SaturationWarning", "SecAggReport", "SecureAggregation"]
+__all__ = ["SaturationWarning", "SecAggReport", "SecAggTransport", "SecureAggregation"]
+
+log = logging.getLogger("privfl.secagg")
 
 
 class SaturationWarning(RuntimeWarning):
@@ -66,7 +75,10 @@ class SecAggReport:
         max_dequantization_error: ``|U3| / (2 · 2^k · W)``, bound on the mean's error per coordinate
             w.r.t. the weighted mean of the clipped inputs (update units, before the cast to the
             update's dtype).
-        wire_bytes: bytes sent per message kind, summed over all messages of the round.
+        wire_bytes: bytes sent per message kind, summed over all messages of the round (a message
+            to every client counts once per recipient).
+        rejected: ``{client: reason}`` for clients dropped because a message of theirs was invalid
+            (only with a fault-tolerant :class:`SecAggTransport`; in-process, an invalid message raises).
     """
 
     round: int
@@ -81,19 +93,77 @@ class SecAggReport:
     saturated: int
     max_dequantization_error: float
     wire_bytes: dict[str, int] = field(default_factory=dict)
+    rejected: dict[int, str] = field(default_factory=dict)
+
+
+class SecAggTransport(ABC):
+    """How a :class:`SecureAggregation` server's messages reach the clients and their replies come
+    back: in one process (the default), or over a network (e.g.
+    :mod:`privfl.integrations.flower`, where each node runs :meth:`SecAggClient.handle
+    <privfl.defenses.secagg.protocol.SecAggClient.handle>`).
+
+    Attributes:
+        fault_tolerant: a client whose reply is invalid is dropped from the round, with the reason
+            in :attr:`SecAggReport.rejected` and the ``privfl.secagg`` log, instead of the round
+            raising. Remote transports set it: one broken or hostile client must not stop the others.
+    """
+
+    fault_tolerant: bool = False
+
+    @abstractmethod
+    def exchange(self, step: str, messages: Mapping[int, bytes]) -> dict[int, bytes]:
+        """Deliver ``messages[c]`` to client ``c`` for ``step`` (one of ``CLIENT_STEPS``) and return
+        ``{c: reply bytes}`` for the clients that answered; a client missing from it dropped out."""
+
+
+class _InProcessClients(SecAggTransport):
+    """All clients' protocol state in this process: a simulation (and the tests') transport."""
+
+    def __init__(self, ids: Sequence[int], threads: int | None) -> None:
+        self.clients = {c: SecAggClient(c, threads=threads) for c in ids}
+
+    def exchange(self, step: str, messages: Mapping[int, bytes]) -> dict[int, bytes]:
+        return {c: self.clients[c].handle(step, m) for c, m in messages.items()}
+
+
+_KINDS = {"advertise": ("config", "advertise"), "share_keys": ("key_list", "share_keys"),
+          "receive_shares": ("share_delivery", None), "unmask": ("unmask_request", "unmask_response")}
+assert set(_KINDS) == set(CLIENT_STEPS)
 
 
 @dataclass
 class _Session:
     key: tuple
     server: SecAggServer
-    clients: dict[int, SecAggClient]
+    transport: SecAggTransport
     spec: UpdateSpec | None = None
     wire: dict[str, int] = field(default_factory=dict)
+    rejected: dict[int, str] = field(default_factory=dict)
 
-    def send(self, kind: str, payload: bytes) -> bytes:
+    def count(self, kind: str, payload: bytes) -> bytes:
         self.wire[kind] = self.wire.get(kind, 0) + len(payload)
         return payload
+
+    def accept(self, client: int, receive: Callable[[bytes], Any], payload: bytes) -> None:
+        """Hand a client's message to the server; with a fault-tolerant transport an invalid one
+        drops the client (the server's state is unchanged by a rejected message)."""
+        try:
+            receive(payload)
+        except (SecAggProtocolError, SecAggIntegrityError) as err:
+            if not self.transport.fault_tolerant:
+                raise
+            self.rejected[client] = f"{type(err).__name__}: {err}"
+            log.warning("secure aggregation: client %d dropped: %s", client, self.rejected[client])
+
+    def run(self, step: str, messages: Mapping[int, bytes], receive: Callable[[bytes], Any] | None) -> None:
+        """One server -> clients -> server exchange."""
+        request, reply = _KINDS[step]
+        for m in messages.values():
+            self.count(request, m)
+        replies = self.transport.exchange(step, messages)
+        for c in messages:
+            if c in replies and reply is not None and receive is not None:
+                self.accept(c, receive, self.count(reply, replies[c]))
 
 
 def _round_key(ctx: RoundContext) -> tuple:
@@ -137,6 +207,9 @@ class SecureAggregation(Defense):
         threads: worker threads for masking/unmasking (default ``torch.get_num_threads()``).
         keep_result: keep the last round's :class:`AggregateResult` (the integer sum) in
             :attr:`last_result` — for tests and audits; it holds one int32 vector.
+        transport: how the server reaches the clients (:class:`SecAggTransport`); ``None`` runs all
+            clients in this process. Over a network, the server's instance gets a transport and each
+            client's instance gets its node's protocol client with :meth:`use_client`.
 
     Threat model: an honest-but-curious server and up to ``t - 1`` colluding clients learn nothing
     about the honest clients' updates beyond the weighted sum of the >= t surviving inputs (and the
@@ -147,15 +220,17 @@ class SecureAggregation(Defense):
     implemented, so a malicious server could claim that a client dropped to obtain its ``s^SK``;
     clients never reveal both kinds of share of one peer, so with ``t > n/2`` this still does not
     unmask an input. Keys are fresh each round and nothing secret is kept after it (``state_dict``
-    is empty). In this in-process simulation all clients' secrets live in one process — it
-    demonstrates and tests the protocol; a deployment runs :class:`SecAggClient` on each client.
+    is empty). In the in-process simulation (no ``transport``) all clients' secrets live in one
+    process — it demonstrates and tests the protocol; a deployment runs :class:`SecAggClient` on each
+    client (:mod:`privfl.integrations.flower` does).
     """
 
     hides_individual_updates = True
 
     def __init__(self, threshold: int, clip_range: float | None = None, *, scale_bits: int | None = None,
                  drop_before_unmask: Iterable[int] = (), block_words: int = DEFAULT_BLOCK_WORDS,
-                 threads: int | None = None, keep_result: bool = False) -> None:
+                 threads: int | None = None, keep_result: bool = False,
+                 transport: SecAggTransport | None = None) -> None:
         if not isinstance(threshold, int) or isinstance(threshold, bool) or threshold < 2:
             raise ValueError(f"SecureAggregation: threshold must be an int >= 2, got {threshold!r} "
                              "(t = 1 would give every client every other client's secrets)")
@@ -171,7 +246,11 @@ class SecureAggregation(Defense):
         self.keep_result = keep_result
         self.last_report: SecAggReport | None = None
         self.last_result: AggregateResult | None = None
+        self.transport = transport
         self._session: _Session | None = None
+        self._client: SecAggClient | None = None
+        self.layout: UpdateSpec | None = None
+        """Layout of the update this client instance last masked (public; sent next to the input)."""
 
     def bind(self, before: Sequence[Defense], after: Sequence[Defense]) -> None:
         """Called by :class:`Compose`: must be the last stage; inherit R from a preceding
@@ -212,28 +291,45 @@ class SecureAggregation(Defense):
         config = SecAggConfig.create(ctx.sampled, ctx.weights, self.threshold, self.clip_range, self.scale_bits,
                                      self.block_words)
         server = SecAggServer(config, threads=self.threads)
-        clients = {c: SecAggClient(c, threads=self.threads) for c in ctx.sampled}
-        s = _Session(key, server, clients)
-        setup = s.send("config", config.to_bytes())
-        for c in ctx.sampled:
-            server.receive_advertisement(s.send("advertise", clients[c].advertise(setup).to_bytes()))
-        keys: bytes = server.key_list().to_bytes()
-        for c in ctx.sampled:
-            server.receive_shares(s.send("share_keys", clients[c].share_keys(s.send("key_list", keys)).to_bytes()))
-        for c, delivery in server.share_deliveries().items():
-            clients[c].receive_shares(s.send("share_delivery", delivery.to_bytes()))
+        transport = self.transport if self.transport is not None else _InProcessClients(ctx.sampled, self.threads)
+        s = _Session(key, server, transport)
+        s.run("advertise", dict.fromkeys(ctx.sampled, config.to_bytes()), server.receive_advertisement)
+        keys = server.key_list().to_bytes()  # closes round 0: U1
+        s.run("share_keys", dict.fromkeys(sorted(server.u1), keys), server.receive_shares)
+        s.run("receive_shares", {c: d.to_bytes() for c, d in server.share_deliveries().items()}, None)
         self._session = s
+
+    @property
+    def ready_clients(self) -> tuple[int, ...]:
+        """U2 of the round set up by :meth:`before_round`: the clients holding each other's shares,
+        the only ones that can send a masked input (empty when no round is set up)."""
+        return tuple(sorted(self._session.server.u2)) if self._session is not None else ()
 
     # ------------------------------------------------------------------ client: round 2
 
     def protect(self, update: Update, ctx: RoundContext) -> bytes:
-        """The masked, quantized weighted update of client ``ctx.client_id`` as bytes."""
+        """The masked, quantized weighted update of client ``ctx.client_id`` as bytes.
+
+        On a remote client (a Flower node), :meth:`use_client` first gives this stage the node's
+        own :class:`SecAggClient`, which has run the key rounds with the server; otherwise the
+        in-process simulation sets the round up with :meth:`before_round`."""
         if ctx.client_id is None:
             raise ValueError("SecureAggregation.protect runs on a client: pass ctx.for_client(client_id)")
+        if self._client is not None:
+            client = self._client
+            if client.client_id != ctx.client_id or client.config is None \
+                    or tuple(client.config.clients) != tuple(ctx.sampled):
+                raise SecAggProtocolError(f"client {ctx.client_id}: its secure-aggregation keys were set up for "
+                                          f"another round or client (round {ctx.round}, sampled {ctx.sampled})")
+            vec, self.layout = _float_vector(update)
+            return client.masked_input(vec).to_bytes()
         self.before_round(ctx)  # no-op when the round is already set up
         s = self._session
         assert s is not None
-        client = s.clients.get(ctx.client_id)
+        if not isinstance(s.transport, _InProcessClients):
+            raise SecAggProtocolError("this SecureAggregation is a server with a remote transport: protect runs on "
+                                      "the clients (use_client there)")
+        client = s.transport.clients.get(ctx.client_id)
         if client is None:
             raise ValueError(f"client {ctx.client_id} is not sampled in round {ctx.round}")
         vec, spec = _float_vector(update)
@@ -241,7 +337,20 @@ class SecureAggregation(Defense):
             s.spec = spec
         elif spec != s.spec:
             raise InvalidUpdateError(f"client {ctx.client_id}'s update does not have the layout of the others'")
-        return s.send("masked_input", client.masked_input(vec).to_bytes())
+        return client.masked_input(vec).to_bytes()
+
+    def use_client(self, client: SecAggClient | None) -> None:
+        """Client side over a network: the node's :class:`SecAggClient`, which ran the key rounds
+        (:meth:`SecAggClient.handle <privfl.defenses.secagg.protocol.SecAggClient.handle>`), masks
+        this node's update in :meth:`protect`. ``None`` goes back to the in-process simulation."""
+        self._client = client
+
+    def set_layout(self, spec: UpdateSpec) -> None:
+        """Server side over a network: the layout (names, shapes, dtypes — public metadata the
+        clients report) of the updates in this round's masked inputs, to unflatten the mean."""
+        if self._session is None:
+            raise SecAggProtocolError("set_layout: no secure-aggregation round in progress (before_round first)")
+        self._session.spec = spec
 
     # ------------------------------------------------------------------ server: rounds 2-4
 
@@ -254,34 +363,41 @@ class SecureAggregation(Defense):
         if len(payloads) != len(ctx.sampled):
             raise ValueError(f"{len(payloads)} payloads for {len(ctx.sampled)} sampled clients")
         self._session = None  # the round ends here, whatever happens: its keys are discarded
+        if s.spec is None:
+            raise SecAggProtocolError("SecureAggregation.aggregate: the updates' layout is unknown (set_layout)")
         server = s.server
+
+        def receive_input(cid: int) -> Callable[[bytes], None]:
+            def receive(raw: bytes) -> None:
+                msg = MaskedInput.from_bytes(raw)
+                if msg.client_id != cid:
+                    raise SecAggProtocolError(f"the payload in client {cid}'s slot is client {msg.client_id}'s")
+                server.receive_masked_input(msg)
+            return receive
+
         for cid, p in zip(ctx.sampled, payloads):
             if p is None:
                 continue
             if not isinstance(p, (bytes, bytearray, memoryview)):
                 raise TypeError(f"payload of client {cid} is {type(p).__name__}, not the bytes SecureAggregation "
                                 "produced")
-            msg = MaskedInput.from_bytes(p)
-            if msg.client_id != cid:
-                raise SecAggProtocolError(f"the payload in client {cid}'s slot is client {msg.client_id}'s")
-            server.receive_masked_input(msg)
-        request = s.send("unmask_request", server.unmask_request().to_bytes())
-        survivors = UnmaskRequest.from_bytes(request).survivors
-        for cid in survivors:
-            if cid in self.drop_before_unmask:
-                continue
-            server.receive_unmask_response(s.send("unmask_response", s.clients[cid].unmask(request).to_bytes()))
+            s.accept(cid, receive_input(cid), s.count("masked_input", bytes(p)))
+        request = server.unmask_request()
+        simulated_drops = self.drop_before_unmask if isinstance(s.transport, _InProcessClients) else set()
+        s.run("unmask", dict.fromkeys([c for c in request.survivors if c not in simulated_drops],
+                                      request.to_bytes()), server.receive_unmask_response)
         result = server.finish()
         assert s.spec is not None
         mean = result.mean(dtype=torch.empty(0, dtype=s.spec.dtype).numpy().dtype)
         cfg = server.config
+        self.aggregated_clients = result.survivors
         self.last_result = result if self.keep_result else None
         self.last_report = SecAggReport(
             round=ctx.round, threshold=cfg.threshold, clients=tuple(ctx.sampled), survivors=result.survivors,
-            dropped_before_input=tuple(c for c, p in zip(ctx.sampled, payloads) if p is None),
+            dropped_before_input=tuple(c for c in ctx.sampled if c not in result.survivors),
             dropped_before_unmask=result.dropped_before_unmask, weight_total=result.weight_total,
             clip_range=cfg.clip_range, scale_bits=cfg.scale_bits, saturated=result.saturated,
-            max_dequantization_error=result.max_error, wire_bytes=dict(s.wire))
+            max_dequantization_error=result.max_error, wire_bytes=dict(s.wire), rejected=dict(s.rejected))
         if result.saturated:
             warnings.warn(f"SecureAggregation: {result.saturated} coordinates were beyond the clip range "
                           f"±{cfg.clip_range:g} and were saturated", SaturationWarning, stacklevel=2)

@@ -103,6 +103,7 @@ from privfl.defenses.secagg.quantize import (
 from privfl.defenses.secagg.shamir import ShamirError, Share, reconstruct_bytes, split_bytes
 
 __all__ = [
+    "CLIENT_STEPS",
     "DEFAULT_BLOCK_WORDS",
     "AdvertiseKeys",
     "AggregateResult",
@@ -131,6 +132,8 @@ _SIG = b"privfl/secagg/v1/sig"
 _SHARE_AD = b"privfl/secagg/v1/share"
 _COMMIT = b"privfl/secagg/v1/commit-b"
 _U64 = (1 << 64) - 1
+CLIENT_STEPS = ("advertise", "share_keys", "receive_shares", "unmask")
+"""The server-to-client exchanges of a round, in order (:meth:`SecAggClient.handle`)."""
 
 
 # ------------------------------------------------------------------------------ wire encoding
@@ -640,6 +643,69 @@ class SecAggClient:
         """Coordinates this client clipped to ±R (known to the client only; the server learns the total)."""
         self._revealed: dict[int, str] = {}
 
+    def handle(self, step: str, message: bytes | bytearray | memoryview) -> bytes:
+        """Answer the server's message for ``step`` (one of :data:`CLIENT_STEPS`) with the reply's
+        bytes (``b""`` for ``"receive_shares"``, which has none): the one entry point of a client that
+        receives the rounds over a network. Masking is not a step here: :meth:`masked_input` runs
+        when the client has its update."""
+        if step == "advertise":
+            return self.advertise(message).to_bytes()
+        if step == "share_keys":
+            return self.share_keys(message).to_bytes()
+        if step == "receive_shares":
+            self.receive_shares(message)
+            return b""
+        if step == "unmask":
+            return self.unmask(message).to_bytes()
+        raise SecAggProtocolError(f"client {self.client_id}: unknown step {step!r} (expected one of {CLIENT_STEPS})")
+
+    # -------------------------------------------------------------- state between processes
+
+    def state_bytes(self) -> bytes:
+        """This client's whole protocol state (phase, keys, seed, held shares, revealed shares) as
+        bytes, for a client that runs each step in a fresh process (e.g. a Flower ClientApp keeps it
+        in the node's ``context.state``). It holds the client's secrets **in the clear**: it must
+        never leave the client's machine. :meth:`from_state_bytes` restores the client."""
+        w = _Writer()
+        w.raw(MAGIC + bytes([VERSION, _STATE_TAG]))
+        w.fmt("Q", self.client_id)
+        w.blob(self.phase.encode())
+        w.raw(self._sign_key.private_bytes_raw(), 32)
+        for name, (encode, _) in _CLIENT_STATE.items():
+            value = self.__dict__.get(name)
+            if value is not None:
+                w.blob(name.encode())
+                w.blob(encode(value))
+        return w.getvalue()
+
+    @classmethod
+    def from_state_bytes(cls, data: bytes | bytearray | memoryview, *, threads: int | None = None) -> SecAggClient:
+        """The client that :meth:`state_bytes` saved.
+
+        Raises:
+            SecAggProtocolError: ``data`` is not a saved client state (truncated, unknown field...).
+        """
+        r = _Reader(data)
+        if r.raw(6) != MAGIC + bytes([VERSION, _STATE_TAG]):
+            raise SecAggProtocolError("not a saved secure-aggregation client state")
+        client_id = r.fmt("Q")[0]
+        phase = r.blob().decode(errors="replace")
+        if phase not in _PHASES:
+            raise SecAggProtocolError(f"saved client state has unknown phase {phase!r}")
+        client = cls(client_id, signing_key=Ed25519PrivateKey.from_private_bytes(r.raw(32)), threads=threads)
+        client.phase = phase
+        while r.pos < len(r.mv):
+            name = r.blob().decode(errors="replace")
+            if name not in _CLIENT_STATE:
+                raise SecAggProtocolError(f"saved client state has unknown field {name!r}")
+            field_reader = _Reader(r.blob())
+            try:
+                setattr(client, name, _CLIENT_STATE[name][1](field_reader))
+            except (ShamirError, ValueError, struct.error) as err:
+                raise SecAggProtocolError(f"saved client state: malformed field {name!r} ({err})") from err
+            field_reader.done()
+        return client
+
     def _expect(self, phase: str, step: str) -> None:
         if self.phase != phase:
             raise SecAggProtocolError(f"client {self.client_id}: {step} called in phase {self.phase!r} "
@@ -864,6 +930,61 @@ class SecAggClient:
         msg = UnmaskResponse(cfg.session_id, self.client_id, tuple(b_out), tuple(s_out))
         return UnmaskResponse(msg.session_id, msg.client_id, msg.b_shares, msg.s_shares,
                               crypto.sign(self._sign_key, msg.signed_payload()))
+
+
+# ------------------------------------------------------------------------------ client state encoding
+
+_STATE_TAG = 0xC0  # never a message tag: a saved client state is not a message
+_PHASES = frozenset({"new", "advertised", "shared", "ready", "masking", "masked", "aborted"})
+
+
+def _encoded(write: Any) -> Any:
+    """``value -> bytes`` from a ``(writer, value)`` procedure."""
+    def encode(value: Any) -> bytes:
+        w = _Writer()
+        write(w, value)
+        return w.getvalue()
+    return encode
+
+
+def _write_pairs(w: _Writer, pairs: Sequence[tuple[int, bytes]]) -> None:
+    _write_owned(w, list(pairs))
+
+
+_CLIENT_STATE: dict[str, tuple[Any, Any]] = {
+    # attribute: (encode value -> bytes, decode _Reader -> value)
+    "config": (lambda c: c.to_bytes(), lambda r: SecAggConfig.from_bytes(r.raw(len(r.mv)))),
+    "saturated": (_encoded(lambda w, v: w.fmt("Q", v)), lambda r: r.fmt("Q")[0]),
+    "_known": (_encoded(lambda w, d: _write_pairs(w, sorted(d.items()))), lambda r: dict(_read_owned(r))),
+    "_revealed": (_encoded(lambda w, d: _write_pairs(w, [(k, v.encode()) for k, v in sorted(d.items())])),
+                  lambda r: {k: v.decode() for k, v in _read_owned(r)}),
+    "_c_sk": (bytes, lambda r: r.raw(32)),
+    "_s_sk": (bytes, lambda r: r.raw(32)),
+    "_seed": (bytes, lambda r: r.raw(SECRET_BYTES)),
+    "_advert": (lambda a: a.to_bytes(), lambda r: AdvertiseKeys.from_bytes(r.raw(len(r.mv)))),
+    "_peers": (_encoded(lambda w, d: _write_pairs(w, [(k, a.to_bytes()) for k, a in sorted(d.items())])),
+               lambda r: {k: AdvertiseKeys.from_bytes(a) for k, a in _read_owned(r)}),
+    "_own_b_share": (lambda s: s.to_bytes(), lambda r: Share.from_bytes(r.raw(len(r.mv)))),
+    "_held": (_encoded(lambda w, d: _write_pairs(w, [(k, _share_pair_bytes(p)) for k, p in sorted(d.items())])),
+              lambda r: {k: _read_share_pair(v) for k, v in _read_owned(r)}),
+    "u2": (_encoded(lambda w, ids: w.ids(sorted(ids))), lambda r: frozenset(r.ids())),
+    "_terms": (_encoded(lambda w, ts: _write_pairs(w, [(t.sign & 0xFF, t.key) for t in ts])),
+               lambda r: [MaskTerm(k, -1 if s == 0xFF else s) for s, k in _read_owned(r)]),
+}
+
+
+def _share_pair_bytes(pair: tuple[Share, Share]) -> bytes:
+    w = _Writer()
+    w.blob(pair[0].to_bytes())
+    w.blob(pair[1].to_bytes())
+    return w.getvalue()
+
+
+def _read_share_pair(data: bytes) -> tuple[Share, Share]:
+    r = _Reader(data)
+    pair = (Share.from_bytes(r.blob()), Share.from_bytes(r.blob()))
+    r.done()
+    return pair
 
 
 # ------------------------------------------------------------------------------ server

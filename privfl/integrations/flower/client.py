@@ -10,23 +10,36 @@ user's ``fit`` function, calls ``defense.personalize`` and ``defense.protect`` e
 The defense's client-side state (e.g. :class:`~privfl.defenses.partial.PartialSharing`'s kept
 decoder) is stored in the node's ``context.state`` after every round, so it survives a ClientApp
 that runs in a fresh process per message; it never leaves the node.
+
+Under :class:`~privfl.defenses.secagg.SecureAggregation`, the server's ``query`` messages carrying
+``"privfl.secagg"`` run this node's side of the Bonawitz rounds
+(:meth:`~privfl.defenses.secagg.protocol.SecAggClient.handle`); the node's protocol state — its
+keys, self-mask seed and the shares it holds for the others — is kept between messages in
+``context.state`` (in the clear, on the node: protect the SuperNode's machine) and masks the update
+in ``train``.
 """
 
 from __future__ import annotations
 
 import io
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from privfl.defenses.base import Defense, RoundContext
+from privfl.defenses.ckks import CKKSAggregation
+from privfl.defenses.secagg import SecAggClient, SecAggProtocolError, SecureAggregation
 from privfl.integrations.flower.codec import (
     AGGREGATE,
     CTX,
+    LAYOUT,
     METRICS,
+    SECAGG,
     STATE,
     MalformedPayloadError,
+    layout_to_record,
     payload_to_content,
     record_to_context,
     record_to_state,
@@ -39,15 +52,24 @@ FitFn = Callable[[Update, RoundContext], tuple[Update, float]]
 
 _DEFENSE_STATE = "privfl.defense-state"
 _GLOBAL = "privfl.global"  # the node's copy of the global state when the server only has ciphertext
+_SECAGG_CLIENT = "privfl.secagg-client"  # this node's secure-aggregation protocol state (secret)
 
 
-def ckks_stage(defense: Defense):
+def _last_stage(defense: Defense, cls: type) -> Any:
+    stages = getattr(defense, "stages", (defense,))
+    return stages[-1] if stages and isinstance(stages[-1], cls) else None
+
+
+def ckks_stage(defense: Defense) -> CKKSAggregation | None:
     """The :class:`~privfl.defenses.ckks.CKKSAggregation` stage of ``defense`` (itself or a Compose's
     last stage), or ``None``."""
-    from privfl.defenses.ckks import CKKSAggregation
+    return _last_stage(defense, CKKSAggregation)
 
-    stages = getattr(defense, "stages", (defense,))
-    return stages[-1] if stages and isinstance(stages[-1], CKKSAggregation) else None
+
+def secagg_stage(defense: Defense) -> SecureAggregation | None:
+    """The :class:`~privfl.defenses.secagg.SecureAggregation` stage of ``defense`` (itself or a
+    Compose's last stage), or ``None``."""
+    return _last_stage(defense, SecureAggregation)
 
 
 class PrivflClient:
@@ -73,9 +95,32 @@ class PrivflClient:
         self.num_examples = int(num_examples)
 
     def query(self, msg: Message, context: Context) -> Message:
-        """Reply with this client's id and training-set size."""
+        """Reply with this client's id and training-set size, or run a secure-aggregation step."""
+        if SECAGG in msg.content.config_records:
+            return self._secagg_step(msg, context)
         return Message(RecordDict({METRICS: MetricRecord({"client_id": self.client_id,
                                                           "num-examples": self.num_examples})}), reply_to=msg)
+
+    def _secagg_step(self, msg: Message, context: Context) -> Message:
+        rec = msg.content.config_records[SECAGG]
+        step, message = rec.get("step"), rec.get("message")
+        if not isinstance(step, str) or not isinstance(message, bytes):
+            raise MalformedPayloadError("'privfl.secagg' needs a str 'step' and a bytes 'message'")
+        if secagg_stage(self.defense_factory()) is None:
+            raise SecAggProtocolError(f"client {self.client_id}: its defense does not end with SecureAggregation")
+        if step == "advertise":  # a new round: fresh keys, whatever was left of the last one is dropped
+            client = SecAggClient(self.client_id)
+        else:
+            client = self._secagg_client(context)
+        reply = client.handle(step, message)
+        context.state.config_records[_SECAGG_CLIENT] = ConfigRecord({"state": client.state_bytes()})
+        return Message(RecordDict({SECAGG: ConfigRecord({"message": reply})}), reply_to=msg)
+
+    def _secagg_client(self, context: Context) -> SecAggClient:
+        saved = context.state.config_records.get(_SECAGG_CLIENT)
+        if saved is None:
+            raise SecAggProtocolError(f"client {self.client_id}: no secure-aggregation round in progress on this node")
+        return SecAggClient.from_state_bytes(saved["state"])
 
     def _defense(self, context: Context) -> Defense:
         defense = self.defense_factory()
@@ -115,12 +160,20 @@ class PrivflClient:
             raise ValueError(f"message for client {ctx.client_id} reached client {self.client_id}")
         defense = self._defense(context)
         global_state = self._global_state(msg, context, defense)
+        secagg, party = secagg_stage(defense), None
+        if secagg is not None:
+            party = self._secagg_client(context)
+            secagg.use_client(party)
         start = defense.personalize(global_state, ctx)
         delta, loss = self.fit(start, ctx)
         payload = defense.protect(delta, ctx)
         del delta
         self._save(defense, context)
         content = payload_to_content(payload)
+        if secagg is not None:
+            assert party is not None and secagg.layout is not None
+            context.state.config_records[_SECAGG_CLIENT] = ConfigRecord({"state": party.state_bytes()})
+            content[LAYOUT] = layout_to_record(secagg.layout)
         content[METRICS] = MetricRecord({"client_id": self.client_id, "num-examples": self.num_examples,
                                          "train_loss": float(loss)})
         return Message(content, reply_to=msg)

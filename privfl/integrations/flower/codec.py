@@ -12,10 +12,16 @@ Wire format (one :class:`flwr.app.RecordDict` per message):
 * ``"privfl.aggregate"`` (ConfigRecord ``{"ciphertext": bytes}``): under CKKS, the encrypted mean
   update of the last round, sent instead of the state (the server cannot decrypt it).
 * ``"privfl.metrics"`` (MetricRecord): ``num-examples``, ``train_loss``, ``client_id`` from a client.
+* ``"privfl.secagg"`` (ConfigRecord): a secure-aggregation exchange — ``{"step", "message"}`` from
+  the server (a ``query``), ``{"message"}`` in the reply (protocol bytes of
+  :mod:`privfl.defenses.secagg.protocol`).
+* ``"privfl.layout"`` (ConfigRecord ``{"layout": JSON}``): next to a masked input, the names, shapes
+  and dtypes of the masked update (public), so the server can unflatten the mean.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -24,13 +30,15 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 from privfl.defenses.base import Payload, RoundContext
-from privfl.updates import Update
+from privfl.updates import InvalidUpdateError, Update, UpdateSpec, spec_fields, spec_from_fields
 
 STATE = "privfl.state"
 BYTES = "privfl.bytes"
 CTX = "privfl.ctx"
 AGGREGATE = "privfl.aggregate"
 METRICS = "privfl.metrics"
+SECAGG = "privfl.secagg"
+LAYOUT = "privfl.layout"
 
 
 class MalformedPayloadError(ValueError):
@@ -108,3 +116,18 @@ def record_to_context(rec: ConfigRecord) -> RoundContext:
                             seed=int(rec["seed"]), sampling_rate=float(rec["sampling_rate"]))
     except (KeyError, TypeError, ValueError) as e:
         raise MalformedPayloadError(f"bad 'privfl.ctx': {e}") from e
+
+
+def layout_to_record(spec: UpdateSpec) -> ConfigRecord:
+    return ConfigRecord({"layout": json.dumps(spec_fields(spec), separators=(",", ":"))})
+
+
+def record_to_layout(content: RecordDict) -> UpdateSpec:
+    """The masked update's layout in a client's reply."""
+    rec = content.config_records.get(LAYOUT)
+    if rec is None or not isinstance(rec.get("layout"), str):
+        raise MalformedPayloadError("a masked input arrived without its 'privfl.layout'")
+    try:
+        return spec_from_fields(json.loads(rec["layout"]), "'privfl.layout'")
+    except (json.JSONDecodeError, InvalidUpdateError, AttributeError) as e:
+        raise MalformedPayloadError(f"bad 'privfl.layout': {e}") from e

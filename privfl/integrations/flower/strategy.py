@@ -11,6 +11,12 @@ Replies that fail (node errors, timeouts) or carry a malformed payload (wrong ke
 non-finite values, undecodable bytes, an id that does not match the node) are logged with their
 reason and treated as dropouts; the round completes with the others, or fails with
 :class:`RoundFailedError` when fewer than ``min_clients`` valid payloads remain.
+
+Under :class:`~privfl.defenses.secagg.SecureAggregation` (the last stage of ``defense``), the
+strategy gives that stage a transport of Flower ``query`` messages: ``before_round`` runs the key
+rounds (advertise, share keys, deliver shares) with the sampled nodes before they train, only the
+clients holding each other's shares (U2) are asked to train, and ``aggregate`` runs the unmask
+round. Each node keeps its own protocol state; the server process holds no client secret.
 """
 
 from __future__ import annotations
@@ -28,18 +34,23 @@ from torch import nn
 
 from privfl.defenses.base import Defense, Payload, RoundContext, with_survivors
 from privfl.defenses.ckks import CKKSPayloadError, CKKSServer
+from privfl.defenses.secagg import InsufficientClientsError, SecAggTransport
 from privfl.fl.client import clamp_running_variances
 from privfl.fl.server import Server
+from privfl.integrations.flower.client import secagg_stage
 from privfl.integrations.flower.codec import (
     AGGREGATE,
     CTX,
     METRICS,
+    SECAGG,
     MalformedPayloadError,
     content_to_payload,
     context_to_record,
+    record_to_layout,
     record_to_state,
     state_to_record,
 )
+from privfl.updates import UpdateSpec
 
 log = logging.getLogger("privfl.flower")
 
@@ -51,7 +62,45 @@ def _short(reason: str, limit: int = 300) -> str:
 
 
 class RoundFailedError(RuntimeError):
-    """Fewer than ``min_clients`` valid payloads arrived in a round."""
+    """Fewer than ``min_clients`` valid payloads arrived in a round (or, under secure aggregation,
+    fewer than its threshold took part in a step)."""
+
+
+class FlowerSecAggTransport(SecAggTransport):
+    """Secure-aggregation exchanges as Flower ``query`` messages (``"privfl.secagg"`` records) to the
+    clients' nodes. A node that fails or answers without a message drops out of the round; its
+    reason is logged and kept in :attr:`failed`.
+
+    Args:
+        grid: the ServerApp's grid.
+        nodes: ``{client id: node id}``.
+        timeout: seconds to wait for each exchange's replies.
+    """
+
+    fault_tolerant = True
+
+    def __init__(self, grid: Grid, nodes: dict[int, int], timeout: float) -> None:
+        self.grid, self.nodes, self.timeout = grid, dict(nodes), timeout
+        self.failed: dict[int, str] = {}
+
+    def exchange(self, step: str, messages: dict[int, bytes]) -> dict[int, bytes]:  # type: ignore[override]
+        msgs = [Message(RecordDict({SECAGG: ConfigRecord({"step": step, "message": m})}), dst_node_id=self.nodes[c],
+                        message_type=MessageType.QUERY) for c, m in messages.items()]
+        client_of = {n: c for c, n in self.nodes.items()}
+        out: dict[int, bytes] = {}
+        for reply in self.grid.send_and_receive(msgs, timeout=self.timeout):
+            cid = client_of.get(reply.metadata.src_node_id)
+            if cid not in messages or cid in out:
+                continue
+            rec = None if reply.has_error() else reply.content.config_records.get(SECAGG)
+            message = rec.get("message") if rec is not None else None
+            if isinstance(message, bytes):
+                out[cid] = message
+                continue
+            reason = _short(reply.error.reason) if reply.has_error() else "reply without a 'privfl.secagg' message"
+            self.failed[cid] = f"secure aggregation, {step}: {reason}"
+            log.warning("client %d dropped at secure-aggregation step %s: %s", cid, step, reason)
+        return out
 
 
 class PrivflStrategy(Strategy):
@@ -106,6 +155,11 @@ class PrivflStrategy(Strategy):
         self._sizes: dict[int, int] = {}
         self._server: Server | None = None
         self._ctx: RoundContext | None = None
+        self._secagg = secagg_stage(defense)
+        if self._secagg is not None and ckks is not None:
+            raise ValueError("secure aggregation and CKKS are two different last stages: pick one")
+        self._transport: FlowerSecAggTransport | None = None
+        self._timeout = 3600.0
 
     @property
     def accountant(self):
@@ -144,6 +198,7 @@ class PrivflStrategy(Strategy):
               train_config: ConfigRecord | None = None, evaluate_config: ConfigRecord | None = None,
               evaluate_fn=None) -> Result:
         """Discover the clients, then run ``num_rounds`` rounds (Flower's loop)."""
+        self._timeout = timeout
         if not self._nodes:
             self.discover(grid, timeout)
         state = record_to_state(initial_arrays)
@@ -160,15 +215,21 @@ class PrivflStrategy(Strategy):
         self._server.global_state = record_to_state(arrays)
         sampled = self._server.sample(r)
         ctx = self._server.context(r, sampled, [self._sizes[c] for c in sampled])
-        self.defense.before_round(ctx)  # before any client trains
+        try:
+            self.defense.before_round(ctx)  # before any client trains (under secure aggregation: the key rounds)
+        except InsufficientClientsError as e:
+            raise RoundFailedError(f"round {r}: {e}") from e
         self._ctx = ctx
         self._t0 = time.perf_counter()
         return ctx
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
+        if self._secagg is not None:
+            self._transport = FlowerSecAggTransport(grid, self._nodes, self._timeout)
+            self._secagg.transport = self._transport
         ctx = self.begin_round(server_round, arrays)
-        sampled = ctx.sampled
+        sampled = self._secagg.ready_clients if self._secagg is not None else ctx.sampled
         if self.encrypted_aggregates:  # CKKS: the clients hold the state; send them the encrypted mean
             model_part: dict[str, Any] = {AGGREGATE: ConfigRecord({"ciphertext": self.encrypted_aggregates[-1]})}
         else:
@@ -183,7 +244,8 @@ class PrivflStrategy(Strategy):
         node_to_client = {n: c for c, n in self._nodes.items()}
         payloads: list[Payload] = [None] * len(ctx.sampled)
         losses: dict[int, float] = {}
-        rejected: dict[int, str] = {}
+        rejected: dict[int, str] = dict(self._transport.failed) if self._transport is not None else {}
+        layouts: dict[int, UpdateSpec] = {}
         for reply in replies:
             cid = node_to_client.get(reply.metadata.src_node_id)
             if cid is None or cid not in ctx.sampled:
@@ -196,14 +258,19 @@ class PrivflStrategy(Strategy):
                 if m is None or int(m.get("client_id", -1)) != cid:
                     raise MalformedPayloadError("metrics missing or client_id does not match the node")
                 payload = content_to_payload(reply.content, self._server.global_state)
-                if self.ckks is not None and not isinstance(payload, bytes):
-                    raise MalformedPayloadError("a plaintext update arrived where CKKS ciphertext was expected")
+                if (self.ckks is not None or self._secagg is not None) and not isinstance(payload, bytes):
+                    raise MalformedPayloadError("a plaintext update arrived where ciphertext or a masked input "
+                                                "was expected")
+                if self._secagg is not None:
+                    layouts[cid] = record_to_layout(reply.content)
             except MalformedPayloadError as e:
                 rejected[cid] = str(e)
                 log.warning("round %d: client %d rejected: %s", ctx.round, cid, e)
                 continue
             payloads[ctx.sampled.index(cid)] = payload
             losses[cid] = float(m.get("train_loss", float("nan")))
+        if layouts:
+            self._agree_on_layout(layouts, payloads, rejected, ctx)
         received = [c for c, p in zip(ctx.sampled, payloads) if p is not None]
         if len(received) < self.min_clients:
             raise RoundFailedError(f"round {ctx.round}: {len(received)} valid payloads, min_clients = "
@@ -219,10 +286,31 @@ class PrivflStrategy(Strategy):
             agg_ctx = replace(ctx, sampled=tuple(ctx.sampled[i] for i in keep),
                               weights=tuple(ctx.weights[i] / total_w for i in keep))
             payloads = [payloads[i] for i in keep]
-        self._server.aggregate(payloads, agg_ctx)
+        try:
+            self._server.aggregate(payloads, agg_ctx)
+        except InsufficientClientsError as e:
+            raise RoundFailedError(f"round {ctx.round}: {e}") from e
+        if self._secagg is not None:
+            report = self._secagg.last_report
+            assert report is not None and self._transport is not None
+            rejected.update({**self._transport.failed, **report.rejected})
+            received = list(report.survivors)
         if self.model is not None:
             clamp_running_variances(self.model, self._server.global_state)
         return state_to_record(self._server.global_state), self._round_metrics(ctx, received, rejected, losses)
+
+    def _agree_on_layout(self, layouts: dict[int, UpdateSpec], payloads: list[Payload], rejected: dict[int, str],
+                         ctx: RoundContext) -> None:
+        """Masked inputs must share one layout: the most common one wins, the others are rejected."""
+        specs = list(layouts.values())
+        common = max(specs, key=specs.count)
+        for cid, spec in layouts.items():
+            if spec != common:
+                rejected[cid] = "its masked update's layout differs from the other clients'"
+                log.warning("round %d: client %d rejected: %s", ctx.round, cid, rejected[cid])
+                payloads[ctx.sampled.index(cid)] = None
+        assert self._secagg is not None
+        self._secagg.set_layout(common)
 
     def _round_metrics(self, ctx: RoundContext, received: list[int], rejected: dict[int, str],
                        losses: dict[int, float]) -> MetricRecord:
