@@ -35,6 +35,8 @@ from typing import Any
 
 import torch
 
+from privfl.errors import PrivflError
+
 __all__ = [
     "Update",
     "InvalidUpdateError",
@@ -66,7 +68,7 @@ _F64_EXACT_INT = 2**53
 _F32_EXACT_INT = 2**24
 
 
-class InvalidUpdateError(ValueError):
+class InvalidUpdateError(PrivflError, ValueError):
     """An update is malformed or does not match what it is compared with.
 
     The message always names the offending key when there is one.

@@ -267,9 +267,9 @@ def test_mismatched_payloads_raise(keysets):
     with pytest.raises(CKKSPayloadError, match="key"):
         server.aggregate([good, compact_payload], [0.5, 0.5])
     with pytest.raises(CKKSPayloadError, match="key"):  # a key holder of another key set refuses too
-        c1.decrypt(server.aggregate([good, good], [0.5, 0.5]))
+        c1.decrypt(server.aggregate([good, c0.encrypt(u, weight=0.5, bound=8.0)], [0.5, 0.5]))
     with pytest.raises(ValueError, match="sum to"):
-        server.aggregate([c0.encrypt(u, weight=0.9, bound=8.0)] * 2)
+        server.aggregate([c0.encrypt(u, weight=0.9, bound=8.0) for _ in range(2)])
 
 
 # --------------------------------------------------------------------------------------------

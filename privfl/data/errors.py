@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from privfl.errors import PrivflError
+
 __all__ = ["DataError"]
 
 
-class DataError(ValueError):
+class DataError(PrivflError, ValueError):
     """A dataset on disk is missing, unreadable or inconsistent.
 
     The message always names the offending file (and, for bad mask values, the value).

@@ -58,6 +58,7 @@ from privfl.defenses.calibration import (
     check_noise_multiplier,
     check_sample_rate,
 )
+from privfl.errors import PrivflError
 
 __all__ = [
     "ACCOUNTANTS",
@@ -85,7 +86,7 @@ MAX_PRV_GRID = 1 << 22
 STATE_FORMAT = "privfl.accountant/1"
 
 
-class PrivacyBudgetExceeded(RuntimeError):
+class PrivacyBudgetExceeded(PrivflError, RuntimeError):
     """Raised before a release that would push ε above the accountant's ``max_epsilon``."""
 
 

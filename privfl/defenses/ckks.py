@@ -80,6 +80,7 @@ import tenseal as ts
 import torch
 
 from privfl.defenses.base import Defense, Payload, RoundContext
+from privfl.errors import PrivflError, check_payload_size
 from privfl.updates import (
     InvalidUpdateError,
     Update,
@@ -106,7 +107,7 @@ _CONTEXT_MAGIC = b"PFCKCTX\x01"  # privfl CKKS context envelope, version 1
 _FRAME = struct.Struct("<Q")  # every frame: little-endian uint64 length, then that many bytes
 
 
-class CKKSPayloadError(ValueError):
+class CKKSPayloadError(PrivflError, ValueError):
     """A payload or context is malformed, or does not match the others (key, layout, bound, weight)."""
 
 
@@ -563,12 +564,21 @@ class CKKSServer(_Party):
     the server can deserialize and add ciphertexts, nothing else. ``CKKSServer`` refuses a context
     that holds the secret key.
 
+    Replays: the server remembers a digest (SHA-256) of every payload it aggregated and refuses the
+    same bytes again, in a later round or twice in one round (a client re-sending an old or another
+    client's ciphertext). Payloads are not signed, so this stops naive replays, not a client that
+    re-encrypts what it saw (it cannot: it has no other client's plaintext).
+
     Args:
         server_context: ``CKKSKeys.server_context``.
         n_threads: TenSEAL worker threads (default: all cores).
+        max_payload_bytes: refuse a payload longer than this before parsing it
+            (:class:`~privfl.errors.PayloadTooLargeError`); ``None``: no limit.
     """
 
-    def __init__(self, server_context: bytes, n_threads: int | None = None):
+    def __init__(self, server_context: bytes, n_threads: int | None = None, *, max_payload_bytes: int | None = None):
+        self.max_payload_bytes = max_payload_bytes
+        self._seen: set[bytes] = set()
         header, preset, raw = _open_context(server_context, "CKKSServer context")
         if header["secret"]:
             raise CKKSPayloadError("CKKSServer was given the client context (with the secret key); the server must "
@@ -589,25 +599,24 @@ class CKKSServer(_Party):
 
         Raises:
             CKKSPayloadError: a payload is not bytes, corrupt, under another key, for another update
-                layout, bound or chunking, or used a weight other than the round's.
+                layout, bound or chunking, used a weight other than the round's, or was aggregated
+                before (replay).
+            PayloadTooLargeError: a payload beyond ``max_payload_bytes``.
             ValueError: every client dropped out, or the survivors' weights sum to 0 or above 1.
         """
         payloads = list(payloads)
         if weights is not None and len(weights) != len(payloads):
             raise ValueError(f"CKKSServer.aggregate: {len(payloads)} payloads but {len(weights)} weights")
         parsed: list[tuple[int, dict[str, Any], list[memoryview]]] = []
+        digests: dict[bytes, int] = {}
         for i, p in enumerate(payloads):
             if p is None:
                 continue
             what = f"payload {i}"
-            frames = _split(p, _PAYLOAD_MAGIC, what)
-            h = self._header(frames, what, kind="update")
-            w = h.get("weight")
-            if not (isinstance(w, (int, float)) and math.isfinite(w) and 0 <= w <= 1):
-                raise CKKSPayloadError(f"{what}: bad weight {w!r} in the header")
-            if weights is not None and not math.isclose(w, float(weights[i]), rel_tol=1e-9, abs_tol=1e-12):
-                raise CKKSPayloadError(f"{what}: client encrypted with weight {w!r}, but the round's weight is "
-                                       f"{float(weights[i])!r}")
+            h, frames, digest = self._check(p, None if weights is None else float(weights[i]), what)
+            if digest in digests:
+                raise CKKSPayloadError(f"{what}: identical to payload {digests[digest]} (replayed)")
+            digests[digest] = i
             if parsed:
                 j, h0, _ = parsed[0]
                 if h["spec_id"] != h0["spec_id"]:
@@ -632,7 +641,35 @@ class CKKSServer(_Party):
         for c in range(h0["chunks"]):
             out.append(_frame(self.sum_chunks([frames[c + 1] for _, _, frames in parsed],
                                               [f"payload {i} chunk {c}" for i, _, _ in parsed])))
+        self._seen.update(digests)
         return b"".join(out)
+
+    def check_payload(self, payload: bytes, weight: float | None = None, what: str = "payload") -> None:
+        """Check one client payload as :meth:`aggregate` would (size, framing, header, key, weight,
+        replay), without aggregating it or remembering it. Ciphertext chunks are only checked when
+        they are summed.
+
+        Raises:
+            CKKSPayloadError, PayloadTooLargeError: as :meth:`aggregate`.
+        """
+        self._check(payload, weight, what)
+
+    def _check(self, payload: Any, weight: float | None, what: str
+               ) -> tuple[dict[str, Any], list[memoryview], bytes]:
+        if not isinstance(payload, (bytes, bytearray, memoryview)):
+            raise CKKSPayloadError(f"{what}: expected bytes, got {type(payload).__name__}")
+        check_payload_size(payload, self.max_payload_bytes, what)
+        digest = hashlib.sha256(payload).digest()
+        if digest in self._seen:
+            raise CKKSPayloadError(f"{what}: identical to a payload aggregated in an earlier round (replayed)")
+        frames = _split(payload, _PAYLOAD_MAGIC, what)
+        h = self._header(frames, what, kind="update")
+        w = h.get("weight")
+        if not (isinstance(w, (int, float)) and math.isfinite(w) and 0 <= w <= 1):
+            raise CKKSPayloadError(f"{what}: bad weight {w!r} in the header")
+        if weight is not None and not math.isclose(w, weight, rel_tol=1e-9, abs_tol=1e-12):
+            raise CKKSPayloadError(f"{what}: client encrypted with weight {w!r}, but the round's weight is {weight!r}")
+        return h, frames, digest
 
     def sum_chunks(self, blobs: Sequence[bytes | memoryview], names: Sequence[str] | None = None) -> bytes:
         """Add the same chunk of several clients (serialized TenSEAL tensors) into one serialized
@@ -751,7 +788,8 @@ class CKKSAggregation(Defense):
       differential privacy (e.g. ``GaussianMechanism(placement="distributed")`` before this stage).
     * **No integrity**: a malicious server can drop, replay, re-weight or alter contributions, or
       return a wrong aggregate; a malicious client can send anything within ``2**h · bound``.
-      Nothing here detects it.
+      Nothing here detects it, except that the server refuses a byte-identical replay of a
+      payload it already aggregated.
     * **Approximate arithmetic**: CKKS adds noise; the decrypted mean differs from the exact
       weighted mean by at most ``preset.max_abs_error(B, K, W)`` = ``2**-42 · B · sqrt(K) / W``
       (``precise``) or ``2**-26 · B · sqrt(K) / W`` (``compact``) for K senders with weight sum W,
@@ -769,6 +807,8 @@ class CKKSAggregation(Defense):
         measure_error: simulation-only check — keep each client's plaintext in this process and put
             the max abs error against the plain weighted mean in :attr:`last_report`. A real
             deployment cannot measure it (nobody may hold all plaintexts).
+        max_payload_bytes: the server refuses a payload longer than this before parsing it
+            (:class:`~privfl.errors.PayloadTooLargeError`); ``None``: no limit.
 
     Dropped clients (``None`` payloads) are skipped and the mean is renormalised over the clients
     that sent. Only floating entries are accepted (drop integer buffers first). Nothing secret is
@@ -779,7 +819,8 @@ class CKKSAggregation(Defense):
     hides_individual_updates = True
 
     def __init__(self, preset: str | CKKSPreset = "precise", *, bound: float | None = None,
-                 keys: CKKSKeys | None = None, n_threads: int | None = None, measure_error: bool = False):
+                 keys: CKKSKeys | None = None, n_threads: int | None = None, measure_error: bool = False,
+                 max_payload_bytes: int | None = None):
         self.preset = get_preset(preset)
         if keys is not None and keys.preset != self.preset:
             raise ValueError(f"CKKSAggregation: keys are for preset {keys.preset.name!r}, not {self.preset.name!r}")
@@ -788,7 +829,7 @@ class CKKSAggregation(Defense):
         self.keys = keys if keys is not None else CKKSKeys.generate(self.preset, n_threads)
         self.client = CKKSClient(self.keys.client_context, n_threads)  # every simulated client's encryptor
         self.keyholder = self.client  # the client that decrypts the aggregate (same key, same object here)
-        self.server = CKKSServer(self.keys.server_context, n_threads)
+        self.server = CKKSServer(self.keys.server_context, n_threads, max_payload_bytes=max_payload_bytes)
         self.measure_error = bool(measure_error)
         self.last_report: CKKSReport | None = None
         self._plain: dict[tuple[int, int], torch.Tensor] = {}

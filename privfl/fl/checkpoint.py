@@ -9,11 +9,13 @@ from typing import Any
 
 import torch
 
+from privfl.errors import PrivflError
+
 CHECKPOINT_NAME = "last.pt"
 HISTORY_NAME = "history.json"
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(PrivflError, ValueError):
     """A checkpoint was written by a run with a different configuration."""
 
 

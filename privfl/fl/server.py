@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
 from privfl.defenses.base import Defense, Payload, RoundContext
 from privfl.fl.seeding import derive_seed
-from privfl.updates import Update, apply, validate
+from privfl.updates import InvalidUpdateError, Update, apply, validate
 
 
 class Server:
@@ -43,7 +43,22 @@ class Server:
 
     def aggregate(self, payloads: Sequence[Payload], ctx: RoundContext) -> Update:
         """Combine payloads with the defense and apply the mean update to the global state (entries
-        missing from the aggregate are left unchanged)."""
+        missing from the aggregate are left unchanged).
+
+        Plain (``dict``) payloads are checked first against the global state: known keys, the same
+        shapes, dtypes and device, finite values. Nothing is aggregated or applied if one fails.
+
+        Raises:
+            InvalidUpdateError: naming the client and the entry.
+        """
+        if len(payloads) != len(ctx.sampled):
+            raise ValueError(f"{len(payloads)} payloads for {len(ctx.sampled)} sampled clients")
+        for cid, p in zip(ctx.sampled, payloads):
+            if isinstance(p, Mapping):
+                try:
+                    validate(p, self.global_state, allow_missing=True)
+                except InvalidUpdateError as e:
+                    raise InvalidUpdateError(f"client {cid}: {e}") from None
         mean_update = self.defense.aggregate(payloads, ctx)
         # keys absent from the aggregate (kept local by partial sharing) stay as they are
         validate(mean_update, self.global_state, allow_missing=True)

@@ -44,6 +44,7 @@ from privfl.defenses.secagg.protocol import (
     SecAggServer,
 )
 from privfl.defenses.secagg.quantize import check_clip_range
+from privfl.errors import PayloadTooLargeError, check_payload_size
 from privfl.updates import InvalidUpdateError, Update, UpdateSpec, flatten_floating, unflatten
 
 __all__ = ["SaturationWarning", "SecAggReport", "SecAggTransport", "SecureAggregation"]
@@ -149,7 +150,7 @@ class _Session:
         drops the client (the server's state is unchanged by a rejected message)."""
         try:
             receive(payload)
-        except (SecAggProtocolError, SecAggIntegrityError) as err:
+        except (SecAggProtocolError, SecAggIntegrityError, PayloadTooLargeError) as err:
             if not self.transport.fault_tolerant:
                 raise
             self.rejected[client] = f"{type(err).__name__}: {err}"
@@ -210,6 +211,9 @@ class SecureAggregation(Defense):
         transport: how the server reaches the clients (:class:`SecAggTransport`); ``None`` runs all
             clients in this process. Over a network, the server's instance gets a transport and each
             client's instance gets its node's protocol client with :meth:`use_client`.
+        max_payload_bytes: the server refuses a masked input longer than this before parsing it
+            (:class:`~privfl.errors.PayloadTooLargeError`); ``None``: no limit (inputs must in any
+            case all have the same length, 4 bytes per parameter + 126).
 
     Threat model: an honest-but-curious server and up to ``t - 1`` colluding clients learn nothing
     about the honest clients' updates beyond the weighted sum of the >= t surviving inputs (and the
@@ -230,7 +234,7 @@ class SecureAggregation(Defense):
     def __init__(self, threshold: int, clip_range: float | None = None, *, scale_bits: int | None = None,
                  drop_before_unmask: Iterable[int] = (), block_words: int = DEFAULT_BLOCK_WORDS,
                  threads: int | None = None, keep_result: bool = False,
-                 transport: SecAggTransport | None = None) -> None:
+                 transport: SecAggTransport | None = None, max_payload_bytes: int | None = None) -> None:
         if not isinstance(threshold, int) or isinstance(threshold, bool) or threshold < 2:
             raise ValueError(f"SecureAggregation: threshold must be an int >= 2, got {threshold!r} "
                              "(t = 1 would give every client every other client's secrets)")
@@ -247,6 +251,7 @@ class SecureAggregation(Defense):
         self.last_report: SecAggReport | None = None
         self.last_result: AggregateResult | None = None
         self.transport = transport
+        self.max_payload_bytes = max_payload_bytes
         self._session: _Session | None = None
         self._client: SecAggClient | None = None
         self.layout: UpdateSpec | None = None
@@ -369,6 +374,7 @@ class SecureAggregation(Defense):
 
         def receive_input(cid: int) -> Callable[[bytes], None]:
             def receive(raw: bytes) -> None:
+                check_payload_size(raw, self.max_payload_bytes, f"masked input of client {cid}")
                 msg = MaskedInput.from_bytes(raw)
                 if msg.client_id != cid:
                     raise SecAggProtocolError(f"the payload in client {cid}'s slot is client {msg.client_id}'s")

@@ -6,6 +6,8 @@ modular sum is refused with :class:`OverflowRiskError`, which is also a :class:`
 
 from __future__ import annotations
 
+from privfl.errors import PrivflError
+
 __all__ = [
     "InsufficientClientsError",
     "OverflowRiskError",
@@ -15,7 +17,7 @@ __all__ = [
 ]
 
 
-class SecAggError(RuntimeError):
+class SecAggError(PrivflError, RuntimeError):
     """Base class: the secure-aggregation round cannot go on."""
 
 

@@ -26,6 +26,8 @@ import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from privfl.errors import PrivflError
+
 __all__ = [
     "LIMB_BYTES",
     "PRIME",
@@ -45,7 +47,7 @@ LIMB_BYTES = 15
 _FIELD_BYTES = 16
 
 
-class ShamirError(ValueError):
+class ShamirError(PrivflError, ValueError):
     """Invalid sharing parameters, too few shares, or shares that are not consistent."""
 
 

@@ -30,6 +30,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 from privfl.defenses.base import Payload, RoundContext
+from privfl.errors import PayloadTooLargeError, PrivflError, check_payload_size
 from privfl.updates import InvalidUpdateError, Update, UpdateSpec, spec_fields, spec_from_fields
 
 STATE = "privfl.state"
@@ -41,7 +42,7 @@ SECAGG = "privfl.secagg"
 LAYOUT = "privfl.layout"
 
 
-class MalformedPayloadError(ValueError):
+class MalformedPayloadError(PrivflError, ValueError):
     """A client's reply cannot be decoded into a privfl payload; ``reason`` says why."""
 
 
@@ -64,13 +65,16 @@ def payload_to_content(payload: Payload) -> RecordDict:
     raise TypeError(f"cannot send a payload of type {type(payload).__name__}")
 
 
-def content_to_payload(content: RecordDict, expected: Mapping[str, torch.Tensor] | None = None) -> Payload:
+def content_to_payload(content: RecordDict, expected: Mapping[str, torch.Tensor] | None = None,
+                       max_bytes: int | None = None) -> Payload:
     """The payload in a client's reply. With ``expected`` (the global state), a dict payload must use
-    only its keys with its shapes and finite values.
+    only its keys with its shapes and finite values. With ``max_bytes``, a payload larger than that
+    (bytes, or the arrays' total size) is refused before it is decoded.
 
     Raises:
         MalformedPayloadError: no payload, both kinds, wrong types, unknown keys, wrong shapes,
             non-finite values.
+        PayloadTooLargeError: beyond ``max_bytes``.
     """
     has_state, has_bytes = STATE in content.array_records, BYTES in content.config_records
     if has_state == has_bytes:
@@ -79,7 +83,11 @@ def content_to_payload(content: RecordDict, expected: Mapping[str, torch.Tensor]
         blob = content.config_records[BYTES].get("payload")
         if not isinstance(blob, bytes) or not blob:
             raise MalformedPayloadError("'privfl.bytes' must hold a non-empty bytes value 'payload'")
+        check_payload_size(blob, max_bytes, "'privfl.bytes' payload")
         return blob
+    size = sum(len(a.data) for a in content.array_records[STATE].values())
+    if max_bytes is not None and size > max_bytes:
+        raise PayloadTooLargeError(f"'privfl.state' payload: {size} bytes exceed the limit of {max_bytes} bytes")
     try:
         update = record_to_state(content.array_records[STATE])
     except Exception as e:  # noqa: BLE001 - any decoding failure is a malformed payload

@@ -35,6 +35,7 @@ from torch import nn
 from privfl.defenses.base import Defense, Payload, RoundContext, with_survivors
 from privfl.defenses.ckks import CKKSPayloadError, CKKSServer
 from privfl.defenses.secagg import InsufficientClientsError, SecAggTransport
+from privfl.errors import PayloadTooLargeError, PrivflError
 from privfl.fl.client import clamp_running_variances
 from privfl.fl.server import Server
 from privfl.integrations.flower.client import secagg_stage
@@ -61,7 +62,7 @@ def _short(reason: str, limit: int = 300) -> str:
     return text if len(text) <= limit else "…" + text[-limit:]
 
 
-class RoundFailedError(RuntimeError):
+class RoundFailedError(PrivflError, RuntimeError):
     """Fewer than ``min_clients`` valid payloads arrived in a round (or, under secure aggregation,
     fewer than its threshold took part in a step)."""
 
@@ -122,6 +123,9 @@ class PrivflStrategy(Strategy):
             the ciphertexts and sends the encrypted mean to the clients, who decrypt it and keep
             the global state: the server never sees an update or the model (``result.arrays`` does not
             hold it; :attr:`encrypted_aggregates` keeps each round's ciphertext).
+        max_payload_bytes: a reply whose payload is larger is rejected before it is decoded
+            (logged, counted as a dropout). ``None``: 64 × the global state's size + 1 MiB, room for
+            CKKS's expansion (about 16× for ``precise``) and nothing near a memory exhaustion.
 
     Attributes:
         history: one record per round (``round``, ``sampled``, ``received``, ``rejected`` with reasons,
@@ -129,7 +133,8 @@ class PrivflStrategy(Strategy):
     """
 
     def __init__(self, defense: Defense, *, fraction: float = 1.0, min_clients: int = 2, seed: int = 0,
-                 model: nn.Module | None = None, ckks: CKKSServer | None = None):
+                 model: nn.Module | None = None, ckks: CKKSServer | None = None,
+                 max_payload_bytes: int | None = None):
         if not 0 < fraction <= 1:
             raise ValueError(f"fraction must be in (0, 1], got {fraction}")
         if min_clients < 1:
@@ -160,6 +165,7 @@ class PrivflStrategy(Strategy):
             raise ValueError("secure aggregation and CKKS are two different last stages: pick one")
         self._transport: FlowerSecAggTransport | None = None
         self._timeout = 3600.0
+        self.max_payload_bytes = max_payload_bytes
 
     @property
     def accountant(self):
@@ -257,13 +263,13 @@ class PrivflStrategy(Strategy):
                 m = reply.content.metric_records.get(METRICS)
                 if m is None or int(m.get("client_id", -1)) != cid:
                     raise MalformedPayloadError("metrics missing or client_id does not match the node")
-                payload = content_to_payload(reply.content, self._server.global_state)
+                payload = content_to_payload(reply.content, self._server.global_state, self._payload_limit())
                 if (self.ckks is not None or self._secagg is not None) and not isinstance(payload, bytes):
                     raise MalformedPayloadError("a plaintext update arrived where ciphertext or a masked input "
                                                 "was expected")
                 if self._secagg is not None:
                     layouts[cid] = record_to_layout(reply.content)
-            except MalformedPayloadError as e:
+            except (MalformedPayloadError, PayloadTooLargeError) as e:
                 rejected[cid] = str(e)
                 log.warning("round %d: client %d rejected: %s", ctx.round, cid, e)
                 continue
@@ -298,6 +304,13 @@ class PrivflStrategy(Strategy):
         if self.model is not None:
             clamp_running_variances(self.model, self._server.global_state)
         return state_to_record(self._server.global_state), self._round_metrics(ctx, received, rejected, losses)
+
+    def _payload_limit(self) -> int:
+        if self.max_payload_bytes is not None:
+            return self.max_payload_bytes
+        assert self._server is not None
+        state_bytes = sum(t.numel() * t.element_size() for t in self._server.global_state.values())
+        return 64 * state_bytes + (1 << 20)
 
     def _agree_on_layout(self, layouts: dict[int, UpdateSpec], payloads: list[Payload], rejected: dict[int, str],
                          ctx: RoundContext) -> None:
@@ -337,13 +350,14 @@ class PrivflStrategy(Strategy):
         assert self.ckks is not None
         try:
             encrypted = self.ckks.aggregate(payloads, ctx.weights)
-        except CKKSPayloadError:
+        except (CKKSPayloadError, PayloadTooLargeError):
             for i, p in enumerate(payloads):  # find the culprits: each payload alone
                 if p is None:
                     continue
                 try:
-                    self.ckks.aggregate([p], [1.0])
-                except CKKSPayloadError as e:
+                    assert isinstance(p, bytes)
+                    self.ckks.check_payload(p, ctx.weights[i], f"client {ctx.sampled[i]}'s payload")
+                except (CKKSPayloadError, PayloadTooLargeError) as e:
                     cid = ctx.sampled[i]
                     rejected[cid] = _short(str(e))
                     log.warning("round %d: client %d rejected: %s", ctx.round, cid, rejected[cid])
