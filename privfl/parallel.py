@@ -12,6 +12,7 @@ import torch
 
 
 def default_threads(threads: int | None) -> int:
+    """``threads``, or torch's thread count when ``None`` (at least 1)."""
     return max(1, int(threads) if threads is not None else torch.get_num_threads())
 
 

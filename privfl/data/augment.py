@@ -30,6 +30,7 @@ class RandomRot90(v2.Transform):
     _transformed_types = (tv_tensors.Image, tv_tensors.Mask)
 
     def check_inputs(self, flat_inputs: list[Any]) -> None:
+        """Refuse tv_tensors other than images and masks (boxes or keypoints would need rotating too)."""
         for inpt in flat_inputs:
             if isinstance(inpt, tv_tensors.TVTensor) and not isinstance(inpt, self._transformed_types):
                 raise TypeError(f"RandomRot90 supports only tv_tensors.Image and tv_tensors.Mask, got {type(inpt).__name__}")

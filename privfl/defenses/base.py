@@ -69,6 +69,7 @@ class RoundContext:
         return replace(self, client_id=client_id)
 
     def weight_of(self, client_id: int) -> float:
+        """The aggregation weight of sampled client ``client_id`` (raises ``ValueError`` if not sampled)."""
         return self.weights[self.sampled.index(client_id)]
 
 

@@ -268,6 +268,9 @@ class GaussianMechanism(_NoiseMechanism):
                 * math.sqrt(sum(x * x for x in ws)) / max(ws))
 
     def event(self, ctx: RoundContext) -> dp_accounting.DpEvent:
+        """The round's privacy event for the accountant: a Gaussian with the noise multiplier that
+        reaches the aggregate (:meth:`effective_noise_multiplier`), Poisson-subsampled when
+        ``ctx.sampling_rate < 1``."""
         gaussian = dp_accounting.GaussianDpEvent(self.effective_noise_multiplier(ctx))
         if ctx.sampling_rate < 1:
             return dp_accounting.PoissonSampledDpEvent(ctx.sampling_rate, gaussian)
@@ -322,6 +325,8 @@ class LaplaceMechanism(_NoiseMechanism):
         super().__init__(noise, accountant, max_epsilon, accounting_delta)
 
     def event(self, ctx: RoundContext) -> dp_accounting.DpEvent:
+        """The round's privacy event: a Laplace mechanism with pure ε = ``epsilon_per_round``,
+        Poisson-subsampled when ``ctx.sampling_rate < 1``."""
         laplace = dp_accounting.LaplaceDpEvent(1.0 / self.epsilon_per_round)  # scale / L1 sensitivity
         if ctx.sampling_rate < 1:
             return dp_accounting.PoissonSampledDpEvent(ctx.sampling_rate, laplace)

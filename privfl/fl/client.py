@@ -56,6 +56,7 @@ class ClientConfig:
             raise ValueError(f"lr must be > 0, got {self.lr}")
 
     def steps_per_round(self, num_samples: int) -> int:
+        """Local optimizer steps in one round for a client with ``num_samples`` training samples."""
         if self.local_steps is not None:
             return self.local_steps
         return self.local_epochs * -(-num_samples // self.batch_size)

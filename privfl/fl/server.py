@@ -37,6 +37,7 @@ class Server:
         return tuple(sorted(int(i) for i in rng.choice(self.num_clients, size=k, replace=False)))
 
     def context(self, round_idx: int, sampled: Sequence[int], num_samples: Sequence[int]) -> RoundContext:
+        """The round's :class:`RoundContext`: FedAvg weights proportional to ``num_samples``."""
         total = float(sum(num_samples))
         weights = tuple(n / total for n in num_samples)
         return RoundContext(round_idx, self.num_clients, tuple(sampled), weights, None, self.seed)

@@ -91,6 +91,7 @@ class PretrainedReport:
     """Per branch (``"swin"``/``"convnext"``) and stage: the checkpoint block loaded into each model block."""
 
     def summary(self) -> str:
+        """One line: how many tensors were loaded, missing, shape-mismatched, unexpected and skipped."""
         return (
             f"pretrained: {len(self.loaded)} tensors loaded, {len(self.missing)} missing, "
             f"{len(self.mismatched)} shape-mismatched, {len(self.unexpected)} unexpected, "

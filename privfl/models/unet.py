@@ -64,11 +64,13 @@ class UNet(nn.Module):
 
 @register_model("unet")
 def unet(num_classes: int = 4, widths: tuple[int, ...] = (16, 32, 64), **kwargs) -> UNet:
+    """A small U-Net baseline (channels per level ``widths``)."""
     return UNet(num_classes=num_classes, widths=widths, **kwargs)
 
 
 @register_model("unet-tiny")
 def unet_tiny(num_classes: int = 4, **kwargs) -> UNet:
+    """The smallest U-Net (widths 8, 16): for tests and quick runs."""
     return UNet(num_classes=num_classes, widths=(8, 16), **kwargs)
 
 

@@ -141,10 +141,12 @@ def aead_decrypt(key: bytes, ciphertext: bytes, associated: bytes, what: str) ->
 
 
 def new_signing_key() -> Ed25519PrivateKey:
+    """A fresh Ed25519 signing key (from the OS's secure random source)."""
     return Ed25519PrivateKey.generate()
 
 
 def signing_public(key: Ed25519PrivateKey) -> bytes:
+    """The raw 32-byte Ed25519 verification key of ``key``."""
     return key.public_key().public_bytes_raw()
 
 

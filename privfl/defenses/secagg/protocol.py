@@ -220,6 +220,7 @@ class Message:
         raise NotImplementedError
 
     def to_bytes(self) -> bytes:
+        """The message's wire encoding (``MAGIC ‖ version ‖ tag ‖ fields [‖ signature]``)."""
         w = _Writer()
         w.raw(MAGIC + bytes([VERSION, self.TAG]))
         self._write_fields(w)
@@ -323,6 +324,7 @@ class SecAggConfig(Message):
         return cls(os.urandom(32), threshold, tuple(clients), tuple(weights), clip_range, scale_bits, block_words)
 
     def weight_of(self, client_id: int) -> float:
+        """The public aggregation weight of ``client_id`` in this round."""
         return self.weights[self.clients.index(client_id)]
 
     def _write_fields(self, w: _Writer) -> None:
@@ -493,6 +495,7 @@ class MaskedInput(Message):
         return self.session_id + struct.pack("<QQ", self.client_id, self.length)
 
     def to_bytes(self) -> bytes:
+        """The wire encoding: header, the ``length + 2`` little-endian words, the signature."""
         data = np.ascontiguousarray(self.data, dtype=U32)
         if data.size != self.length + 2:
             raise SecAggProtocolError(f"masked input has {data.size} words for length {self.length}")
@@ -518,6 +521,7 @@ class MaskedInput(Message):
         return cls(session, client_id, length, words, signature)
 
     def signed_payload_for(self, tree: bytes) -> bytes:
+        """The bytes the signature covers, given the input's tree digest (:func:`crypto.tree_digest`)."""
         return _SIG + bytes([self.TAG]) + tree
 
     def signed_payload(self) -> bytes:  # pragma: no cover - use signed_payload_for
@@ -1076,6 +1080,7 @@ class SecAggServer:
 
     # round 0
     def receive_advertisement(self, msg: AdvertiseKeys | bytes) -> None:
+        """Round 0: accept one invited client's signed key advertisement (once per client)."""
         msg = self._accept("advertise", "receive_advertisement", msg, AdvertiseKeys)
         cid = msg.client_id
         self._check_sender(cid, self.config.clients, self._adverts, "advertisement from uninvited or repeated")
@@ -1095,6 +1100,7 @@ class SecAggServer:
 
     # round 1
     def receive_shares(self, msg: ShareKeys | bytes) -> None:
+        """Round 1: accept one client of U1's signed, encrypted shares (one for every other client of U1)."""
         msg = self._accept("share", "receive_shares", msg, ShareKeys)
         u = msg.sender
         self._check_sender(u, self.u1, self._share_msgs, "shares from unknown or repeated")
@@ -1166,6 +1172,7 @@ class SecAggServer:
 
     # round 4
     def receive_unmask_response(self, msg: UnmaskResponse | bytes) -> None:
+        """Round 4: accept one survivor's signed shares (b of U3, s^SK of U2 \\ U3)."""
         msg = self._accept("unmask", "receive_unmask_response", msg, UnmaskResponse)
         u = msg.client_id
         self._check_sender(u, self.u3, self._responses, "unmask response from unknown or repeated")

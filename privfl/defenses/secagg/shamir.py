@@ -155,6 +155,7 @@ class Share:
     secret_len: int
 
     def to_bytes(self) -> bytes:
+        """The wire encoding described in the class docstring."""
         return (self.x.to_bytes(_FIELD_BYTES, "big") + struct.pack(">H", self.secret_len)
                 + b"".join(y.to_bytes(_FIELD_BYTES, "big") for y in self.ys))
 

@@ -107,6 +107,7 @@ def content_to_payload(content: RecordDict, expected: Mapping[str, torch.Tensor]
 
 
 def context_to_record(ctx: RoundContext) -> ConfigRecord:
+    """A round context as a ConfigRecord (``extra`` is not sent)."""
     rec: dict[str, Any] = {"round": ctx.round, "num_clients": ctx.num_clients, "sampled": list(ctx.sampled),
                            "weights": [float(w) for w in ctx.weights], "seed": int(ctx.seed),
                            "sampling_rate": float(ctx.sampling_rate)}
@@ -116,6 +117,7 @@ def context_to_record(ctx: RoundContext) -> ConfigRecord:
 
 
 def record_to_context(rec: ConfigRecord) -> RoundContext:
+    """Inverse of :func:`context_to_record`; raises :class:`MalformedPayloadError` on a bad record."""
     try:
         return RoundContext(round=int(rec["round"]), num_clients=int(rec["num_clients"]),
                             sampled=tuple(int(c) for c in rec["sampled"]),
@@ -127,6 +129,7 @@ def record_to_context(rec: ConfigRecord) -> RoundContext:
 
 
 def layout_to_record(spec: UpdateSpec) -> ConfigRecord:
+    """An update's layout (names, shapes, dtypes; public) as a ConfigRecord."""
     return ConfigRecord({"layout": json.dumps(spec_fields(spec), separators=(",", ":"))})
 
 
