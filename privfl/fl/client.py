@@ -4,16 +4,18 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from lightning.fabric import Fabric
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from privfl.fl.seeding import derive_seed, torch_generator
 from privfl.models.losses import CEDiceLoss
 from privfl.updates import Update
+
+if TYPE_CHECKING:  # Lightning loads only when a Fabric is made (privfl.fl.device): seconds per process
+    from lightning.fabric import Fabric
 
 Augment = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 """Per-sample joint augmentation ``(image 3×H×W, mask H×W) -> (image, mask)`` drawing from torch's

@@ -13,11 +13,6 @@ from privfl.defenses import CKKSAggregation, Compose, FedDPNoise, PartialSharing
 from privfl.defenses.base import Defense
 from privfl.defenses.ckks import CKKSKeys, CKKSServer
 from privfl.defenses.secagg import SecureAggregation
-from privfl.fl import ClientConfig
-from privfl.fl.client import Client
-from privfl.fl.device import make_fabric
-from privfl.models import build_model
-from privfl.models.losses import default_loss
 from privfl.updates import Update
 
 DEFAULTS = {"num-server-rounds": 2, "samples-per-client": 8, "image-size": 32, "batch-size": 4, "lr": 0.1,
@@ -34,6 +29,8 @@ def run_config(context) -> dict:
 
 
 def make_model(size: int, seed: int) -> torch.nn.Module:
+    from privfl.models import build_model  # imported on use: timm takes seconds (see make_fit)
+
     torch.manual_seed(seed)
     return build_model("dhunet-tiny", img_size=size)
 
@@ -87,6 +84,13 @@ def server_ckks(keys_dir: str) -> CKKSServer:
 
 def make_fit(client_id: int, data, rounds: int, size: int, seed: int, lr: float, batch_size: int):
     """privfl's local SGD (the same as ``run_federated``'s clients) as the Flower client's fit."""
+    # imported here: a ClientApp process that only answers a query (secure-aggregation steps) does
+    # not need Lightning or timm, which take seconds to import
+    from privfl.fl import ClientConfig
+    from privfl.fl.client import Client
+    from privfl.fl.device import make_fabric
+    from privfl.models.losses import default_loss
+
     config = ClientConfig(local_epochs=1, batch_size=batch_size, lr=lr)
 
     def fit(start: Update, ctx) -> tuple[Update, float]:
