@@ -25,5 +25,21 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check privfl tests benchmarks
 
+# mypy on privfl/, configured in pyproject.toml ([tool.mypy]).
+.PHONY: typecheck
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+# The documentation site (mkdocs-material + mkdocstrings), built with --strict into site/.
+DOCS_STAMP := $(VENV)/.docs-installed-stamp
+
+$(DOCS_STAMP): $(STAMP) pyproject.toml
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[docs]' 2>&1 | { grep -v 'is ignored: it is neither' || true; }
+	touch $(DOCS_STAMP)
+
+.PHONY: docs
+docs: $(DOCS_STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
+
 clean:
-	rm -rf $(VENV) results .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) results .pytest_cache .ruff_cache .mypy_cache .hypothesis

@@ -42,6 +42,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import numpy.typing as npt
 import torch
 from scipy.stats import beta as _beta
 
@@ -112,7 +113,7 @@ def clopper_pearson(successes: int, trials: int, confidence: float = 0.95) -> tu
     return lower, upper
 
 
-def _eps_lb(fpr: np.ndarray, fnr: np.ndarray, delta: float) -> np.ndarray:
+def _eps_lb(fpr: npt.ArrayLike, fnr: npt.ArrayLike, delta: float) -> np.ndarray:
     """Vectorised ε lower bound (inputs already validated); +inf where a rate is 0 and its partner
     term's numerator is positive."""
     fpr = np.asarray(fpr, dtype=np.float64)
@@ -329,8 +330,9 @@ def audit_mechanism(
         mechanism: one run: ``mechanism(x)`` returns a noisy output (any shape, same number of entries
             as ``x`` when the default statistic is used). Must draw fresh randomness on every call.
             May be ``None`` when ``batched`` is given.
-        x0, x1: neighbouring inputs of the same shape (e.g. a flattened update without / with the
-            canary). For the default statistic they must differ.
+        x0: one of two neighbouring inputs of the same shape (e.g. a flattened update without the
+            canary). For the default statistic ``x0`` and ``x1`` must differ.
+        x1: the other neighbouring input (e.g. the same update with the canary).
         trials: runs per input (>= 2; half of them choose the threshold).
         delta: δ of the guarantee under test, in (0, 1).
         claimed_epsilon: the ε the mechanism's accounting claims at ``delta``; fills
@@ -452,7 +454,8 @@ def audit_defense(
 
     Args:
         defense: the defense (or :class:`~privfl.defenses.base.Compose` pipeline) to audit.
-        update0, update1: neighbouring updates with the same keys and shapes.
+        update0: one of two neighbouring updates (e.g. without a canary).
+        update1: the other, with the same keys and shapes (e.g. with the canary).
         ctx: a round with exactly one sampled client; default: round 0, one client (id 0) of one,
             weight 1. The audited client is ``ctx.client_id`` if set, else ``ctx.sampled[0]``.
         **kw: keyword arguments of :func:`audit_mechanism` (``trials``, ``delta``, ``claimed_epsilon``,

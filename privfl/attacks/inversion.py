@@ -68,7 +68,7 @@ import math
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -131,7 +131,9 @@ def _soft_ce_dice(logits: Tensor, target: Tensor, ce_weight: float, dice_weight:
     return ce_weight * ce + dice_weight * dice_loss
 
 
-def soft_segmentation_loss(loss_fn: nn.Module) -> Callable[[object, Tensor], Tensor]:
+def soft_segmentation_loss(
+    loss_fn: nn.Module | Callable[[object, Tensor], Tensor],
+) -> Callable[[object, Tensor], Tensor]:
     """The soft-target version of a privfl segmentation loss, for jointly optimised masks.
 
     ``loss_fn`` must be a :class:`~privfl.models.losses.CEDiceLoss` or
@@ -423,8 +425,11 @@ class InvertingGradients:
         model: the model holding the weights the update was computed at (the *global* weights in
             ``fedavg`` mode). Not modified. The attack runs on its device.
         mode: ``"gradient"`` or ``"fedavg"`` (see the module docstring).
-        local_steps, local_lr, local_momentum, weight_decay: the client's local SGD recipe
-            (``fedavg`` mode only; every step uses the whole batch).
+        local_steps: the client's local SGD steps (``fedavg`` mode only; every step uses the
+            whole batch).
+        local_lr: the client's local SGD learning rate (``fedavg`` mode only).
+        local_momentum: the client's local SGD momentum (``fedavg`` mode only).
+        weight_decay: the client's local SGD weight decay (``fedavg`` mode only).
         iterations: optimisation steps per restart.
         restarts: random initialisations; the lowest final objective wins.
         tv: weight of the total-variation prior. Geiping et al. use 1e-4 to 1e-2 on normalised
@@ -604,15 +609,17 @@ class InvertingGradients:
             fixed_target = self._check_targets(masks, (b, h, w), num_classes, "masks").to(device)
 
         observed = [update[k].detach().to(device, torch.float32) for k in keys]
-        obs_norm = torch.sqrt(sum((o * o).sum() for o in observed))
+        # sum() of tensors is a tensor: keys (checked by attacked_keys) is never empty
+        obs_norm = torch.sqrt(cast(Tensor, sum((o * o).sum() for o in observed)))
         sim = _Simulator(self.model, self.recipe, self.soft_loss if self.soft_loss is not None else self.loss_fn,
                          self.batchnorm)
 
         def objective(x: Tensor, mask_logits: Tensor | None) -> Tensor:
             target = fixed_target if mask_logits is None else mask_logits.softmax(dim=1)
+            assert target is not None  # fixed targets unless masks='joint', which has mask logits
             dummy = sim.update(x, target, keys, create_graph=True)
             dot = sum((d * o).sum() for d, o in zip(dummy, observed))
-            norm = torch.sqrt(sum((d * d).sum() for d in dummy))
+            norm = torch.sqrt(cast(Tensor, sum((d * d).sum() for d in dummy)))
             cos = dot / (norm * obs_norm).clamp_min(1e-30)
             return 1 - cos + self.tv * total_variation(x)
 
@@ -660,7 +667,7 @@ class InvertingGradients:
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - start
         assert best is not None
-        final, images, mask_logits, history = best
+        final, images, mask_logits, best_history = best
         if self.task == "classification":
             out_masks = None
         elif mask_logits is not None:
@@ -668,8 +675,8 @@ class InvertingGradients:
         else:
             assert fixed_target is not None
             out_masks = fixed_target.cpu()
-        return InversionResult(images=images.cpu(), masks=out_masks, loss=final, history=history, seconds=seconds,
-                               labels=out_labels, restart_losses=restart_losses,
+        return InversionResult(images=images.cpu(), masks=out_masks, loss=final, history=best_history,
+                               seconds=seconds, labels=out_labels, restart_losses=restart_losses,
                                iterations=self.iterations * self.restarts)
 
     def _idlg(self, update: Mapping[str, Tensor], batch_size: int) -> Tensor:

@@ -526,7 +526,7 @@ def _pooled_scores(lira: LiRA, target_stats: Tensor, is_member: Tensor) -> dict[
 
 def _attack_target(name: str, trainer: FederatedTrainer, model_factory: ModelFactory, population: Dataset,
                    members: Sequence[int], is_member: Tensor, num_shadows: int, seed: int, progress: bool,
-                   delta: float | None, curves: dict[str, tuple[Tensor, Tensor]]) -> dict[str, Any]:
+                   delta: float | None, curves: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, Any]:
     from privfl.attacks.metrics import roc_curve
 
     t0 = time.perf_counter()
@@ -647,7 +647,7 @@ def run_membership_experiment(
     def factory() -> nn.Module:
         return build_model(model, num_classes=num_classes, **model_kwargs)
 
-    curves: dict[str, tuple[Tensor, Tensor]] = {}
+    curves: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # ROC (fpr, tpr) per attack
     cfg = ClientConfig(local_epochs=local_epochs, batch_size=batch_size, lr=lr)
     out: dict[str, Any] = {"config": config}
     if undefended:

@@ -19,6 +19,7 @@ import argparse
 import math
 from typing import Any
 
+from rich.console import JustifyMethod
 from rich.table import Table
 
 from privfl.bench.common import console_for, print_json
@@ -116,7 +117,8 @@ def _accounting_record(z: float, q: float, steps: int, delta: float, names: tupl
 
 def _accounting_table(rec: dict[str, Any], title: str) -> Table:
     table = Table(title=title)
-    for col, justify in (("accountant", "left"), ("epsilon", "right"), ("", "left")):
+    columns: tuple[tuple[str, JustifyMethod], ...] = (("accountant", "left"), ("epsilon", "right"), ("", "left"))
+    for col, justify in columns:
         table.add_column(col, justify=justify)
     for name, eps in rec["by_accountant"].items():
         mark = "← tightest" if name == rec["accountant"] else ""

@@ -55,8 +55,9 @@ DEFAULT_PARAMS = 1_000_000
 TARGET_SPEEDUP = 3.0  # precise client protect vs anchor
 TARGET_BYTES_RATIO = 1.4  # anchor bytes / precise bytes
 TARGET_COMPACT_BYTES = 35.0  # bytes per parameter
-ANCHOR = {"poly_modulus_degree": 8192, "coeff_mod_bit_sizes": [60, 40, 40, 60], "global_scale_bits": 40,
-          "encryption": "public key (TenSEAL default)", "packing": "one ts.ckks_vector per layer"}
+ANCHOR: dict[str, Any] = {
+    "poly_modulus_degree": 8192, "coeff_mod_bit_sizes": [60, 40, 40, 60], "global_scale_bits": 40,
+    "encryption": "public key (TenSEAL default)", "packing": "one ts.ckks_vector per layer"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -250,6 +251,8 @@ def measure_anchor(layers: list[tuple[str, int]], vecs: list[torch.Tensor], weig
         for i, blob in zip(senders, blobs):
             v = ts.ckks_vector_from(server_ctx, blob) * (weights[i] / w_sum)
             acc = v if acc is None else acc + v
+        if acc is None:
+            raise ValueError("measure_anchor needs at least one sender")
         out = acc.serialize()
         agg_s += time.perf_counter() - t0
         agg_bytes += len(out)

@@ -61,8 +61,8 @@ def calibrate_batchnorm(model: nn.Module, images: torch.Tensor) -> None:
     finally:
         for m, mom in zip(bns, momenta):
             m.momentum = mom
-        for m, flag in flags:
-            m.training = flag
+        for module, flag in flags:
+            module.training = flag
 
 
 def fixed_case(model_name: str = "unet", *, size: int = 64, seed: int = 0, widths: tuple[int, ...] | None = None,

@@ -67,7 +67,7 @@ def measure_noise(n: int = DHUNET_PARAMS, repeats: int = 5, warmup: int = 1, see
             if i >= warmup:
                 times[label].append(elapsed)
     floor = statistics.median(times["torch.randn"])
-    rows = []
+    rows: list[dict[str, Any]] = []
     for label, source, dist, _call in cases:
         ts = times[label]
         median = statistics.median(ts)

@@ -133,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
     grid: list[tuple[float | None, float | None]] = [(None, None)] + [(c, s) for c in clips for s in sigmas]
     rows: list[dict[str, Any]] = []
     for clip, sigma in grid:
-        defense = None if clip is None else pt.feddp(sigma, clip, args.seed)
+        defense = None if clip is None or sigma is None else pt.feddp(sigma, clip, args.seed)
         row = {"setting": "no defense" if clip is None else f"FedDP C={clip:g} σ={sigma:g}", "clip": clip,
                "sigma": sigma, "noise_multiplier": None if defense is None else defense.noise_multiplier,
                **pt.run_row(federation, base, defense, preset, seed=args.seed, progress=progress)}

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sized
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, cast
 
 import torch
 from torch import nn
@@ -45,7 +46,8 @@ class TrainingPreset:
     device: str = "auto"
 
     #: fields that must be integers >= 1 (subclasses extend it)
-    positive_ints = ("clients", "samples_per_client", "size", "rounds", "local_epochs", "batch_size")
+    positive_ints: ClassVar[tuple[str, ...]] = (
+        "clients", "samples_per_client", "size", "rounds", "local_epochs", "batch_size")
 
     def with_overrides(self, overrides: dict[str, Any]):
         r"""A copy with the non-``None`` ``overrides`` that name a field applied, then :meth:`check`\ ed."""
@@ -81,8 +83,10 @@ class Federation:
         return len(self.clients)
 
     def describe(self) -> str:
-        sizes = ", ".join(str(len(c)) for c in self.clients)
-        return f"{self.source}: {self.num_clients} clients ({sizes} samples), test {len(self.test)}, {self.image_size}px"
+        # map-style datasets have __len__; torch's Dataset type does not declare it
+        sizes = ", ".join(str(len(cast(Sized, c))) for c in self.clients)
+        return (f"{self.source}: {self.num_clients} clients ({sizes} samples), test {len(cast(Sized, self.test))}, "
+                f"{self.image_size}px")
 
 
 def load_federation(data: str, *, num_clients: int, samples_per_client: int, image_size: int, seed: int = 0,
@@ -97,11 +101,11 @@ def load_federation(data: str, *, num_clients: int, samples_per_client: int, ima
         raise ValueError(f"need >= 1 client and >= 1 sample per client, got {num_clients}, {samples_per_client}")
     if data == "synthetic":
         n = num_clients * samples_per_client
-        train = SyntheticHistology(n, size=image_size, seed=seed, sites=num_clients)
-        test = SyntheticHistology(test_samples or max(16, n // 4), size=image_size, seed=seed + 10_000,
-                                  sites=num_clients)
-        clients = partition(train, "by_site", num_clients, seed=seed)
-        return Federation(list(clients), test, f"SyntheticHistology (stain shift per client, seed {seed})", image_size)
+        synth_train = SyntheticHistology(n, size=image_size, seed=seed, sites=num_clients)
+        synth_test = SyntheticHistology(test_samples or max(16, n // 4), size=image_size, seed=seed + 10_000,
+                                        sites=num_clients)
+        clients = partition(synth_train, "by_site", num_clients, seed=seed)
+        return Federation(list(clients), synth_test, f"SyntheticHistology (stain shift per client, seed {seed})", image_size)
     root = Path(data)
     if not root.is_dir():
         raise DataError(f"--data must be 'synthetic' or a SegmentationFolder root; {data!r} is not a directory")

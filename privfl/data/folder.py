@@ -109,7 +109,7 @@ class SegmentationFolder(Dataset):
         if len(img.getbands()) != 1:
             raise DataError(f"mask {path} has mode {img.mode!r}; expected a single-channel index PNG")
         if self.size is not None and img.size != (self.size, self.size):
-            img = img.resize((self.size, self.size), Image.NEAREST)
+            img = img.resize((self.size, self.size), Image.Resampling.NEAREST)
         mask = np.asarray(img).astype(np.int64)
         if mask.size and (mask.min() < 0 or mask.max() >= self.num_classes):
             bad = int(mask.max()) if mask.max() >= self.num_classes else int(mask.min())
@@ -130,7 +130,7 @@ class SegmentationFolder(Dataset):
                 f"is {mask_img.size[0]}x{mask_img.size[1]} (width x height)"
             )
         if self.size is not None and img.size != (self.size, self.size):
-            img = img.resize((self.size, self.size), Image.BILINEAR)
+            img = img.resize((self.size, self.size), Image.Resampling.BILINEAR)
         image = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255.0
         mask = torch.from_numpy(self.load_mask(index))
         if self.transform is not None:

@@ -301,7 +301,7 @@ class SyntheticHistology(Dataset):
             centres = rng.choice(idx, size=count)
             rows = centres // s + rng.uniform(-0.5, 0.5, count)
             cols = centres % s + rng.uniform(-0.5, 0.5, count)
-            majors = rng.uniform(*r_major, count)
+            majors = rng.uniform(r_major[0], r_major[1], count)
             minors = majors / rng.uniform(*asp, count)
             hs = rng.uniform(*conc, count)
             if cls == 2:  # aligned with the fibres

@@ -178,7 +178,7 @@ def tile_wsi(
                     raise DataError(f"cannot read region at ({x0}, {y0}) of slide {path}: {exc}") from exc
                 rgb = _as_rgb(np.asarray(region))
                 if window != size:
-                    rgb = np.asarray(Image.fromarray(rgb).resize((size, size), Image.BILINEAR))
+                    rgb = np.asarray(Image.fromarray(rgb).resize((size, size), Image.Resampling.BILINEAR))
                 frac = tissue_fraction(rgb)
                 if frac < tissue_threshold:
                     continue
@@ -192,7 +192,7 @@ def tile_wsi(
                             raise DataError(f"mask {mask_path} has labels outside 0..255")
                         m = m.astype(np.uint8)
                     if m.shape != (size, size):
-                        m = np.asarray(Image.fromarray(m).resize((size, size), Image.NEAREST))
+                        m = np.asarray(Image.fromarray(m).resize((size, size), Image.Resampling.NEAREST))
                     mask = m
                 tiles.append(Tile(x=x0, y=y0, image=rgb, mask=mask, tissue_fraction=frac))
         return tiles

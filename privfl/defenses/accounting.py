@@ -46,7 +46,7 @@ import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any
+from typing import Any, TypeAlias
 
 import dp_accounting
 import numpy as np
@@ -119,7 +119,7 @@ class EpsilonReport:
 # ----------------------------------------------------------------------------------------------
 # events -> atoms
 
-_Atom = dp_accounting.DpEvent  # GaussianDpEvent | LaplaceDpEvent | PoissonSampledDpEvent(q<1, G|L) | NonPrivate
+_Atom: TypeAlias = dp_accounting.DpEvent  # GaussianDpEvent | LaplaceDpEvent | PoissonSampledDpEvent(q<1, G|L) | NonPrivate
 _NON_PRIVATE = dp_accounting.NonPrivateDpEvent()
 _SUPPORTED = ("GaussianDpEvent, LaplaceDpEvent, PoissonSampledDpEvent(q, Gaussian or Laplace), "
               "SelfComposedDpEvent, ComposedDpEvent, NoOpDpEvent, NonPrivateDpEvent")

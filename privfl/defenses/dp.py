@@ -220,6 +220,7 @@ class GaussianMechanism(_NoiseMechanism):
         else:
             if delta is None:
                 raise ValueError("epsilon needs a delta to calibrate Gaussian noise")
+            assert epsilon is not None  # exactly one of noise_multiplier / epsilon, checked above
             eps, dlt = check_epsilon(epsilon), check_delta(delta)
             sigma_unit = analytic_gaussian_sigma(eps, dlt, 1.0) if calibration == "analytic" \
                 else classical_gaussian_sigma(eps, dlt, 1.0)

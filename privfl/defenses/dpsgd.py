@@ -289,7 +289,7 @@ def _draw_noise_from(optimizer: DPOptimizer, noise: NoiseSource, key: tuple) -> 
             p.grad = (summed + sample).view_as(p)
             _mark_as_processed(summed)
 
-    optimizer.add_noise = add_noise  # type: ignore[method-assign]
+    optimizer.add_noise = add_noise
 
 
 def fit_dp_sgd(

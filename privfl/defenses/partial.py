@@ -343,10 +343,10 @@ class PartialSharing(Defense):
         return {k: t.detach().clone() for k, t in update.items() if k in shared}
 
     def _protect_by_fraction(self, update: Update, cid: int, ctx: RoundContext) -> Update:
-        for k, t in update.items():
+        for name, t in update.items():
             if not t.dtype.is_floating_point:
                 raise InvalidUpdateError(
-                    f"PartialSharing(fraction=...): update[{k!r}] has dtype {t.dtype}; coordinate selection only "
+                    f"PartialSharing(fraction=...): update[{name!r}] has dtype {t.dtype}; coordinate selection only "
                     "applies to floating entries — drop integer buffers (e.g. num_batches_tracked) first")
         vec, spec = flatten(update)
         if vec.numel() == 0:

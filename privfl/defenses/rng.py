@@ -240,7 +240,7 @@ class SecureNoise(NoiseSource):
             size = min(c, m - start)
             nonce = bytes(4) + call.to_bytes(8, "little") + i.to_bytes(4, "little")
             enc = Cipher(algorithms.ChaCha20(key, nonce), mode=None).encryptor()
-            enc.update_into(memoryview(zeros)[: size * words.itemsize], raw[: size * words.itemsize])
+            enc.update_into(memoryview(zeros)[: size * words.itemsize], raw[: size * words.itemsize].data)
             chunk_fn(out[start:start + size], words[:size], scratch[:size])
 
         run_blocks(n_chunks, work, lambda: (np.empty(c, dtype=word), np.empty(c, dtype=word)), self.threads)

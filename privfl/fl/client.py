@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sized
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
@@ -124,7 +124,8 @@ class Client:
         loss_fn: nn.Module | None = None,
         augment: Augment | None = None,
     ):
-        if len(train_data) == 0:
+        # map-style datasets have __len__; torch's Dataset type does not declare it
+        if len(cast(Sized, train_data)) == 0:
             raise ValueError(f"client {client_id} has no training samples")
         self.client_id = client_id
         self.train_data = train_data
@@ -134,7 +135,7 @@ class Client:
 
     @property
     def num_samples(self) -> int:
-        return len(self.train_data)
+        return len(cast(Sized, self.train_data))
 
     def fit(
         self, model: nn.Module, global_state: Update, round_idx: int, total_rounds: int, fabric: Fabric, seed: int

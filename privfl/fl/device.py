@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any, cast
+
 import torch
 from lightning.fabric import Fabric
 
@@ -14,7 +16,9 @@ def default_precision(accelerator: str = "auto") -> str:
 
 def make_fabric(accelerator: str = "auto", precision: str | None = None) -> Fabric:
     """A single-device Fabric; ``precision=None`` picks :func:`default_precision`."""
-    return Fabric(accelerator=accelerator, devices=1, precision=precision or default_precision(accelerator))
+    # Fabric validates the string itself; its Literal type of accepted values is private to lightning
+    chosen = cast(Any, precision or default_precision(accelerator))
+    return Fabric(accelerator=accelerator, devices=1, precision=chosen)
 
 
 def prepare_model(model: torch.nn.Module, fabric: Fabric) -> torch.nn.Module:

@@ -156,7 +156,8 @@ def run_federated(
             when it has one (DHU-Net: flips, ±90° rotations, HSV jitter), ``None`` disables it.
         checkpoint_dir: where ``last.pt`` and ``history.json`` are written after every round.
         resume: continue from the last complete round in ``checkpoint_dir``.
-        accelerator, precision: passed to Lightning Fabric (bf16-mixed on CUDA by default).
+        accelerator: passed to Lightning Fabric.
+        precision: passed to Lightning Fabric (bf16-mixed on CUDA by default).
         on_round_end: called with each round's record after its checkpoint is written.
         dp_sgd: sample-level DP-SGD for local training (:class:`~privfl.defenses.dpsgd.DPSGD`, via
             opacus) instead of plain SGD. The model is converted with

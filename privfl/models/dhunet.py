@@ -21,10 +21,13 @@ load only from a local file (:func:`privfl.models.pretrained.load_pretrained`).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import timm
 import torch
 import torch.nn.functional as F
+from timm.models.convnext import ConvNeXt
+from timm.models.swin_transformer import SwinTransformer
 from torch import nn
 
 from privfl.models.losses import DHUNetLoss
@@ -141,8 +144,10 @@ class DHUNet(nn.Module):
 
     def encode(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """The four stage maps of each branch, NCHW, at 1/4, 1/8, 1/16, 1/32 resolution."""
-        g = self.global_branch.forward_intermediates(x, intermediates_only=True)
-        loc = self.local_branch.forward_intermediates(x, intermediates_only=True)
+        # timm.create_model is typed as a plain nn.Module; intermediates_only=True gives a list
+        swin, convnext = cast(SwinTransformer, self.global_branch), cast(ConvNeXt, self.local_branch)
+        g = cast(list[torch.Tensor], swin.forward_intermediates(x, intermediates_only=True))
+        loc = cast(list[torch.Tensor], convnext.forward_intermediates(x, intermediates_only=True))
         return list(g), list(loc)
 
     def forward(self, x: torch.Tensor):

@@ -38,6 +38,8 @@ BatchNorm's running statistics, which disappear. Load pretrained weights first
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from opacus.grad_sample import GradSampleModule, register_grad_sampler
 from opacus.grad_sample.layer_norm import compute_layer_norm_grad_sample
@@ -101,7 +103,8 @@ class RelativePositionBias(nn.Module):
     def __init__(self, table: nn.Parameter, window_size: tuple[int, int]):
         super().__init__()
         self.relative_position_bias_table = table
-        self.window_size = tuple(window_size)
+        win_h, win_w = window_size
+        self.window_size = (win_h, win_w)
         self.window_area = self.window_size[0] * self.window_size[1]
         self.index = get_relative_position_index(*self.window_size, device=table.device).view(-1)
 
@@ -232,6 +235,8 @@ class DPConvNeXtBlock(ConvNeXtBlock):
     @classmethod
     def convert_(cls, block: ConvNeXtBlock) -> DPConvNeXtBlock:
         gamma = block.gamma
+        if gamma is None:
+            raise ValueError("this ConvNeXtBlock has no layer scale (gamma) to convert")
         del block.gamma
         block.gamma = None  # as timm's blocks without layer scale
         block.ls = LayerScale(gamma, channels_last=False)
@@ -288,7 +293,9 @@ def _conv_transpose2d_grad_sample(
     ret = {}
     if layer.weight.requires_grad:
         cols = nn.functional.unfold(
-            backprops, layer.kernel_size, dilation=layer.dilation, padding=layer.padding, stride=layer.stride
+            backprops, layer.kernel_size, dilation=layer.dilation,
+            padding=cast(tuple[int, ...], layer.padding),  # never a string for ConvTranspose2d
+            stride=layer.stride,
         )  # (n, C_out·kh·kw, L) with L = the input's H·W
         positions = x.shape[2] * x.shape[3]
         if cols.shape[-1] != positions:

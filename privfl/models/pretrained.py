@@ -37,7 +37,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
@@ -238,7 +238,7 @@ def _split_by_kind(obj: Any, origin: str) -> dict[str, dict[str, torch.Tensor]]:
         if part:
             flat = {k: v for k, v in flat.items() if not k.startswith(prefix)}
             _merge(out, kind, part, origin)
-    kinds = {_key_kind(k) for k in flat} - {None}
+    kinds = {c for c in map(_key_kind, flat) if c is not None}
     if len(kinds) > 1:
         raise ValueError(
             f"{origin} mixes Swin and ConvNeXt keys in one flat dict; store them as "
@@ -266,7 +266,7 @@ def _swin_to_timm(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     from timm.models.swin_transformer import checkpoint_filter_fn
 
     stub = _SwinShapes(sd)
-    return checkpoint_filter_fn(sd, stub)
+    return checkpoint_filter_fn(sd, cast("torch.nn.Module", stub))  # duck-typed: has what the filter reads
 
 
 class _SwinShapes:

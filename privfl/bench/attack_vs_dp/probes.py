@@ -24,9 +24,9 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping, Sequence, Sized
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -54,8 +54,9 @@ def payload_bytes(payload: Payload) -> int:
 
 
 def _batch(dataset: Dataset, n: int) -> tuple[Tensor, Tensor]:
-    if len(dataset) < n:
-        raise ValueError(f"a client holds {len(dataset)} samples, fewer than the inversion batch {n}")
+    size = len(cast(Sized, dataset))  # map-style: has __len__, which torch's Dataset type omits
+    if size < n:
+        raise ValueError(f"a client holds {size} samples, fewer than the inversion batch {n}")
     items = [dataset[i] for i in range(n)]
     return torch.stack([x for x, _ in items]), torch.stack([m for _, m in items])
 
@@ -131,7 +132,7 @@ def personalized_utility(model: nn.Module, starts: Sequence[Update], federation:
 
     probe = copy.deepcopy(model)
     fabric = make_fabric("cpu" if next(model.parameters()).device.type == "cpu" else "auto")
-    rows = []
+    rows: list[dict[str, Any]] = []
     for state in starts:
         load_state(probe, state)
         rows.append(evaluate(probe, federation.test, NUM_CLASSES, fabric).to_dict())
@@ -141,9 +142,9 @@ def personalized_utility(model: nn.Module, starts: Sequence[Update], federation:
 def membership(model: nn.Module, federation: Federation, delta: float, max_per_side: int = 256) -> dict[str, Any]:
     """Confidence-score membership inference on the final model: clients' training samples vs the
     test split, as many of each (at most ``max_per_side``)."""
-    members: Dataset = ConcatDataset(federation.clients)
-    n = min(len(members), len(federation.test), max_per_side)
-    members, non_members = Subset(members, list(range(n))), Subset(federation.test, list(range(n)))
+    pool: ConcatDataset = ConcatDataset(federation.clients)
+    n = min(len(pool), len(cast(Sized, federation.test)), max_per_side)
+    members, non_members = Subset(pool, list(range(n))), Subset(federation.test, list(range(n)))
     scores = torch.cat([segmentation_scores(model, members), segmentation_scores(model, non_members)])
     is_member = torch.cat([torch.ones(n, dtype=torch.bool), torch.zeros(n, dtype=torch.bool)])
     summary = attack_summary(scores, is_member)
