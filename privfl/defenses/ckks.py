@@ -398,7 +398,9 @@ class _Party:
             raise CKKSPayloadError(f"{what}: inconsistent header ({numel} values, {chunks} chunks of {chunk_values})")
         if len(frames) - 1 != chunks:
             raise CKKSPayloadError(f"{what}: header announces {chunks} chunks, payload has {len(frames) - 1}")
-        if h.get("spec_id") != _spec_id(h.get("vector_dtype"), h.get("entries")):
+        vector_dtype, entries = h.get("vector_dtype"), h.get("entries")
+        if not isinstance(vector_dtype, str) or not isinstance(entries, list) \
+                or h.get("spec_id") != _spec_id(vector_dtype, entries):
             raise CKKSPayloadError(f"{what}: layout fingerprint does not match its layout (corrupted header)")
         bound = h.get("bound")
         if not (isinstance(bound, (int, float)) and math.isfinite(bound) and bound > 0):
@@ -892,11 +894,12 @@ class CKKSAggregation(Defense):
             protect_seconds={cid: s for (r, cid), s in self._protect_seconds.items() if r == ctx.round},
             aggregate_seconds=t1 - t0, decrypt_seconds=t2 - t1)
         if self.measure_error:
-            plains = [(ctx.weight_of(cid), self._plain.get((ctx.round, cid))) for cid, _ in survivors]
-            if all(u is not None for _, u in plains):
-                ref = sum(w * u for w, u in plains) / report.weight_sum  # type: ignore[operator]
+            found = [(ctx.weight_of(cid), self._plain.get((ctx.round, cid))) for cid, _ in survivors]
+            plains = [(w, u) for w, u in found if u is not None]
+            if len(plains) == len(found):
+                ref = torch.stack([w * u for w, u in plains]).sum(0) / report.weight_sum
                 report.max_abs_error = float((vec - ref).abs().max())
-                report.max_abs_value = max(float(u.abs().max()) for _, u in plains)  # type: ignore[union-attr]
+                report.max_abs_value = max(float(u.abs().max()) for _, u in plains)
                 report.relative_error = (report.max_abs_error / report.max_abs_value
                                          if report.max_abs_value > 0 else 0.0)
         self._plain = {k: v for k, v in self._plain.items() if k[0] > ctx.round}

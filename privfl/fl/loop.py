@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Sequence, Sized
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import nn
@@ -85,7 +85,7 @@ def _fit_dp_sgd(client: Client, model: nn.Module, global_state: Update, dp: DPSG
     res = fit_dp_sgd(model, client.train_data, global_state, client.config, dp, loss_fn=client.loss_fn,
                      augment=client.augment, round_idx=round_idx, total_rounds=rounds, seed=seed, client_id=cid,
                      device=fabric.device, accountant_state=histories.get(cid))
-    histories[cid] = [tuple(e) for e in res.history]
+    histories[cid] = [(float(z), float(q), int(steps)) for z, q, steps in res.history]
     return res.delta, res.loss
 
 
@@ -101,12 +101,12 @@ def _sample_privacy_record(dp: DPSGD | None, histories: dict[int, list[tuple[flo
 
 
 def _split_clients(datasets: Sequence[Dataset], val_fraction: float, seed: int) -> list[tuple[Dataset, Dataset | None]]:
-    out = []
+    out: list[tuple[Dataset, Dataset | None]] = []
     for cid, ds in enumerate(datasets):
         if val_fraction <= 0:
             out.append((ds, None))
             continue
-        tr, va = train_val_split(list(range(len(ds))), val_fraction, seed=derive_seed(seed, cid, "val"))
+        tr, va = train_val_split(list(range(len(cast(Sized, ds)))), val_fraction, seed=derive_seed(seed, cid, "val"))
         out.append((Subset(ds, list(tr)), Subset(ds, list(va))))
     return out
 
@@ -240,9 +240,10 @@ def run_federated(
 
             val = {}
             for cid in sampled:  # each client evaluates the model it would train from next round
-                if splits[cid][1] is not None and len(splits[cid][1]) > 0:
+                val_data = splits[cid][1]
+                if val_data is not None and len(cast(Sized, val_data)) > 0:
                     load_state(model, defense.personalize(server.global_state, ctx.for_client(cid)))
-                    val[cid] = evaluate(model, splits[cid][1], num_classes, fabric, eval_batch_size).to_dict()
+                    val[cid] = evaluate(model, val_data, num_classes, fabric, eval_batch_size).to_dict()
             load_state(model, server.global_state)
             test = evaluate(model, test_data, num_classes, fabric, eval_batch_size).to_dict() if test_data else None
             record = {

@@ -165,7 +165,7 @@ def verify(public: bytes, signature: bytes, message: bytes, what: str) -> None:
 
 def block_digest(words: np.ndarray) -> bytes:
     """SHA-256 of one block of a word vector, in its wire (little-endian) byte order."""
-    return hashlib.sha256(memoryview(np.ascontiguousarray(words, dtype=U32)).cast("B")).digest()
+    return hashlib.sha256(np.ascontiguousarray(words, dtype=U32).data.cast("B")).digest()
 
 
 def tree_digest(header: bytes, digests: Sequence[bytes]) -> bytes:
@@ -203,10 +203,10 @@ def keystream_into(key: bytes, start_word: int, out: np.ndarray, zeros: bytes | 
         zeros = bytes(nbytes)
     enc = Cipher(algorithms.ChaCha20(key, block.to_bytes(4, "little") + _MASK_NONCE), mode=None).encryptor()
     if skip == 0:
-        enc.update_into(memoryview(zeros)[:nbytes], memoryview(out).cast("B"))
+        enc.update_into(memoryview(zeros)[:nbytes], out.data.cast("B"))
         return
     tmp = np.empty(n + skip, dtype=U32)
-    enc.update_into(memoryview(zeros)[:nbytes], memoryview(tmp).cast("B"))
+    enc.update_into(memoryview(zeros)[:nbytes], tmp.data.cast("B"))
     out[:] = tmp[skip:]
 
 

@@ -334,15 +334,15 @@ class SecureAggregation(Defense):
         if not isinstance(s.transport, _InProcessClients):
             raise SecAggProtocolError("this SecureAggregation is a server with a remote transport: protect runs on "
                                       "the clients (use_client there)")
-        client = s.transport.clients.get(ctx.client_id)
-        if client is None:
+        simulated = s.transport.clients.get(ctx.client_id)
+        if simulated is None:
             raise ValueError(f"client {ctx.client_id} is not sampled in round {ctx.round}")
         vec, spec = _float_vector(update)
         if s.spec is None:
             s.spec = spec
         elif spec != s.spec:
             raise InvalidUpdateError(f"client {ctx.client_id}'s update does not have the layout of the others'")
-        return client.masked_input(vec).to_bytes()
+        return simulated.masked_input(vec).to_bytes()
 
     def use_client(self, client: SecAggClient | None) -> None:
         """Client side over a network: the node's :class:`SecAggClient`, which ran the key rounds

@@ -76,7 +76,7 @@ import struct
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeAlias, TypeVar
 
 import numpy as np
 import torch
@@ -132,6 +132,8 @@ _SIG = b"privfl/secagg/v1/sig"
 _SHARE_AD = b"privfl/secagg/v1/share"
 _COMMIT = b"privfl/secagg/v1/commit-b"
 _U64 = (1 << 64) - 1
+Raw: TypeAlias = bytes | bytearray | memoryview
+"""A message's wire encoding."""
 CLIENT_STEPS = ("advertise", "share_keys", "receive_shares", "unmask")
 """The server-to-client exchanges of a round, in order (:meth:`SecAggClient.handle`)."""
 
@@ -206,6 +208,7 @@ class Message:
 
     TAG: ClassVar[int]
     SIGNED: ClassVar[bool] = False
+    session_id: bytes  # every message names its round (a dataclass field of each subclass)
 
     def __init_subclass__(cls, **kw: Any) -> None:
         super().__init_subclass__(**kw)
@@ -501,7 +504,7 @@ class MaskedInput(Message):
             raise SecAggProtocolError(f"masked input has {data.size} words for length {self.length}")
         if len(self.signature) != 64:
             raise SecAggProtocolError("masked input is not signed")
-        return b"".join([MAGIC, bytes([VERSION, self.TAG]), self.header(), memoryview(data).cast("B"),
+        return b"".join([MAGIC, bytes([VERSION, self.TAG]), self.header(), data.data.cast("B"),
                          self.signature])
 
     @classmethod
@@ -582,7 +585,11 @@ class UnmaskResponse(Message):
         return dict(session_id=r.raw(32), client_id=r.fmt("Q")[0], b_shares=_read_owned(r), s_shares=_read_owned(r))
 
 
-def _parse(msg: Any, cls: type) -> Any:
+_M = TypeVar("_M", bound="Message")
+
+
+def _parse(msg: object, cls: type[_M]) -> _M:
+    """``msg`` itself if it is a ``cls``, else ``cls`` decoded from its bytes."""
     if isinstance(msg, cls):
         return msg
     if isinstance(msg, (bytes, bytearray, memoryview)):
@@ -647,7 +654,7 @@ class SecAggClient:
         """Coordinates this client clipped to ±R (known to the client only; the server learns the total)."""
         self._revealed: dict[int, str] = {}
 
-    def handle(self, step: str, message: bytes | bytearray | memoryview) -> bytes:
+    def handle(self, step: str, message: Raw) -> bytes:
         """Answer the server's message for ``step`` (one of :data:`CLIENT_STEPS`) with the reply's
         bytes (``b""`` for ``"receive_shares"``, which has none): the one entry point of a client that
         receives the rounds over a network. Masking is not a step here: :meth:`masked_input` runs
@@ -720,7 +727,7 @@ class SecAggClient:
         if session_id != self.config.session_id:
             raise SecAggProtocolError(f"client {self.client_id}: message for another session")
 
-    def advertise(self, config: SecAggConfig | bytes) -> AdvertiseKeys:
+    def advertise(self, config: SecAggConfig | Raw) -> AdvertiseKeys:
         """Round 0: fresh X25519 key pairs; returns the signed advertisement."""
         self._expect("new", "advertise")
         config = _parse(config, SecAggConfig)
@@ -735,7 +742,7 @@ class SecAggClient:
         self.phase = "advertised"
         return self._advert
 
-    def share_keys(self, keys: KeyList | bytes) -> ShareKeys:
+    def share_keys(self, keys: KeyList | Raw) -> ShareKeys:
         """Round 1: check U1's advertisements, share ``s^SK`` and a fresh ``b`` t-of-|U1|, and encrypt
         each peer's shares to it."""
         self._expect("advertised", "share_keys")
@@ -784,7 +791,7 @@ class SecAggClient:
         return ShareKeys(msg.session_id, msg.sender, msg.b_commitment, msg.shares,
                          crypto.sign(self._sign_key, msg.signed_payload()))
 
-    def receive_shares(self, delivery: ShareDelivery | bytes) -> None:
+    def receive_shares(self, delivery: ShareDelivery | Raw) -> None:
         """End of round 1: decrypt and authenticate the shares addressed to this client (a wrong AEAD
         tag raises :class:`SecAggIntegrityError` and aborts the client), learn U2, derive the mask keys."""
         self._expect("shared", "receive_shares")
@@ -897,7 +904,7 @@ class SecAggClient:
         self.phase = "masked"
         return signed
 
-    def unmask(self, request: UnmaskRequest | bytes) -> UnmaskResponse:
+    def unmask(self, request: UnmaskRequest | Raw) -> UnmaskResponse:
         """Round 4: reveal ``b``-shares of U3 and ``s``-shares of U2 \\ U3. Refuses
         (:class:`SecAggProtocolError`, revealing nothing) a request that would reveal, together with
         any earlier one, both kinds of share of one peer, or that does not list this client."""
@@ -1060,7 +1067,7 @@ class SecAggServer:
         if session_id != self.config.session_id:
             raise SecAggProtocolError("server: message for another session")
 
-    def _accept(self, phase: str, step: str, msg: Any, cls: type) -> Any:
+    def _accept(self, phase: str, step: str, msg: object, cls: type[_M]) -> _M:
         """A client message in ``phase``: parsed, of this session."""
         self._expect(phase, step)
         parsed = _parse(msg, cls)
@@ -1079,7 +1086,7 @@ class SecAggServer:
         return InsufficientClientsError(message + ": round aborted, nothing reconstructed, no sum released")
 
     # round 0
-    def receive_advertisement(self, msg: AdvertiseKeys | bytes) -> None:
+    def receive_advertisement(self, msg: AdvertiseKeys | Raw) -> None:
         """Round 0: accept one invited client's signed key advertisement (once per client)."""
         msg = self._accept("advertise", "receive_advertisement", msg, AdvertiseKeys)
         cid = msg.client_id
@@ -1099,7 +1106,7 @@ class SecAggServer:
         return KeyList(self.config.session_id, tuple(self._adverts[c] for c in sorted(self.u1)))
 
     # round 1
-    def receive_shares(self, msg: ShareKeys | bytes) -> None:
+    def receive_shares(self, msg: ShareKeys | Raw) -> None:
         """Round 1: accept one client of U1's signed, encrypted shares (one for every other client of U1)."""
         msg = self._accept("share", "receive_shares", msg, ShareKeys)
         u = msg.sender
@@ -1122,7 +1129,7 @@ class SecAggServer:
             for v in sorted(self.u2)}
 
     # round 2
-    def receive_masked_input(self, msg: MaskedInput | bytes) -> None:
+    def receive_masked_input(self, msg: MaskedInput | Raw) -> None:
         """Verify a masked input's signature and add it into the running sum (rolled back if invalid)."""
         msg = self._accept("mask", "receive_masked_input", msg, MaskedInput)
         u = msg.client_id
@@ -1171,7 +1178,7 @@ class SecAggServer:
         return UnmaskRequest(self.config.session_id, tuple(sorted(self.u3)))
 
     # round 4
-    def receive_unmask_response(self, msg: UnmaskResponse | bytes) -> None:
+    def receive_unmask_response(self, msg: UnmaskResponse | Raw) -> None:
         """Round 4: accept one survivor's signed shares (b of U3, s^SK of U2 \\ U3)."""
         msg = self._accept("unmask", "receive_unmask_response", msg, UnmaskResponse)
         u = msg.client_id

@@ -43,6 +43,7 @@ from privfl.integrations.flower.codec import (
     payload_to_content,
     record_to_context,
     record_to_state,
+    record_value,
     state_to_record,
 )
 from privfl.updates import Update, apply, unflatten
@@ -120,13 +121,14 @@ class PrivflClient:
         saved = context.state.config_records.get(_SECAGG_CLIENT)
         if saved is None:
             raise SecAggProtocolError(f"client {self.client_id}: no secure-aggregation round in progress on this node")
-        return SecAggClient.from_state_bytes(saved["state"])
+        return SecAggClient.from_state_bytes(record_value(saved, "state", bytes, "saved secure-aggregation state"))
 
     def _defense(self, context: Context) -> Defense:
         defense = self.defense_factory()
         saved = context.state.config_records.get(_DEFENSE_STATE)
         if saved is not None:
-            defense.load_state_dict(torch.load(io.BytesIO(saved["state"]), weights_only=False))
+            state = record_value(saved, "state", bytes, "saved defense state")
+            defense.load_state_dict(torch.load(io.BytesIO(state), weights_only=False))
         return defense
 
     def _save(self, defense: Defense, context: Context) -> None:
@@ -144,7 +146,8 @@ class PrivflClient:
             if ckks is None or _GLOBAL not in context.state.array_records:
                 raise MalformedPayloadError("an encrypted aggregate arrived, but this node has no CKKS key or "
                                             "no copy of the global state to apply it to")
-            vec, spec = ckks.keyholder.decrypt_vector(msg.content.config_records[AGGREGATE]["ciphertext"])
+            vec, spec = ckks.keyholder.decrypt_vector(
+                record_value(msg.content.config_records[AGGREGATE], "ciphertext", bytes, "'privfl.aggregate'"))
             stored = record_to_state(context.state.array_records[_GLOBAL])
             state = apply(stored, unflatten(vec, spec), allow_missing=True)
         else:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -40,6 +40,7 @@ AGGREGATE = "privfl.aggregate"
 METRICS = "privfl.metrics"
 SECAGG = "privfl.secagg"
 LAYOUT = "privfl.layout"
+_T = TypeVar("_T")
 
 
 class MalformedPayloadError(PrivflError, ValueError):
@@ -116,16 +117,43 @@ def context_to_record(ctx: RoundContext) -> ConfigRecord:
     return ConfigRecord(rec)
 
 
+def record_value(rec: Mapping[str, Any], key: str, kind: type[_T] | tuple[type, ...], what: str) -> _T:
+    """``rec[key]``, checked to be of ``kind`` (``bool`` never passes for a number).
+
+    Raises:
+        MalformedPayloadError: missing, or of another type.
+    """
+    value = rec.get(key)
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if value is None or not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+        names = " or ".join(k.__name__ for k in kinds)
+        raise MalformedPayloadError(f"{what}: {key!r} must be {names}, got {type(value).__name__}")
+    return value  # type: ignore[return-value]  # checked against kind just above
+
+
 def record_to_context(rec: ConfigRecord) -> RoundContext:
     """Inverse of :func:`context_to_record`; raises :class:`MalformedPayloadError` on a bad record."""
+    what = "bad 'privfl.ctx'"
+
+    def number(key: str) -> float:
+        return record_value(rec, key, (int, float), what)
+
+    def numbers(key: str) -> list[float]:
+        values: list[Any] = record_value(rec, key, list, what)
+        if any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in values):
+            raise MalformedPayloadError(f"{what}: {key!r} must be a list of numbers")
+        return values
+
     try:
-        return RoundContext(round=int(rec["round"]), num_clients=int(rec["num_clients"]),
-                            sampled=tuple(int(c) for c in rec["sampled"]),
-                            weights=tuple(float(w) for w in rec["weights"]),
-                            client_id=int(rec["client_id"]) if "client_id" in rec else None,
-                            seed=int(rec["seed"]), sampling_rate=float(rec["sampling_rate"]))
-    except (KeyError, TypeError, ValueError) as e:
-        raise MalformedPayloadError(f"bad 'privfl.ctx': {e}") from e
+        return RoundContext(round=int(number("round")), num_clients=int(number("num_clients")),
+                            sampled=tuple(int(c) for c in numbers("sampled")),
+                            weights=tuple(float(w) for w in numbers("weights")),
+                            client_id=int(number("client_id")) if "client_id" in rec else None,
+                            seed=int(number("seed")), sampling_rate=float(number("sampling_rate")))
+    except (TypeError, ValueError) as e:
+        if isinstance(e, MalformedPayloadError):
+            raise
+        raise MalformedPayloadError(f"{what}: {e}") from e
 
 
 def layout_to_record(spec: UpdateSpec) -> ConfigRecord:
@@ -139,6 +167,6 @@ def record_to_layout(content: RecordDict) -> UpdateSpec:
     if rec is None or not isinstance(rec.get("layout"), str):
         raise MalformedPayloadError("a masked input arrived without its 'privfl.layout'")
     try:
-        return spec_from_fields(json.loads(rec["layout"]), "'privfl.layout'")
+        return spec_from_fields(json.loads(record_value(rec, "layout", str, "'privfl.layout'")), "'privfl.layout'")
     except (json.JSONDecodeError, InvalidUpdateError, AttributeError) as e:
         raise MalformedPayloadError(f"bad 'privfl.layout': {e}") from e

@@ -49,6 +49,7 @@ from privfl.integrations.flower.codec import (
     context_to_record,
     record_to_layout,
     record_to_state,
+    record_value,
     state_to_record,
 )
 from privfl.updates import UpdateSpec
@@ -56,7 +57,7 @@ from privfl.updates import UpdateSpec
 log = logging.getLogger("privfl.flower")
 
 
-def _short(reason: str, limit: int = 300) -> str:
+def _short(reason: str | None, limit: int = 300) -> str:
     """One line, at most ``limit`` characters, keeping the end (where a remote traceback says what failed)."""
     text = " ".join(str(reason).split())
     return text if len(text) <= limit else "…" + text[-limit:]
@@ -188,7 +189,12 @@ class PrivflStrategy(Strategy):
             if m is None or "client_id" not in m or "num-examples" not in m:
                 log.warning("node %s: discovery reply without client_id / num-examples; ignored", node)
                 continue
-            cid, size = int(m["client_id"]), int(m["num-examples"])
+            try:
+                cid = int(record_value(m, "client_id", int, "discovery reply"))
+                size = int(record_value(m, "num-examples", int, "discovery reply"))
+            except MalformedPayloadError as e:
+                log.warning("node %s: %s; ignored", node, e)
+                continue
             if cid in self._nodes or size < 1:
                 log.warning("node %s: client id %s already taken or size %s < 1; ignored", node, cid, size)
                 continue
@@ -261,7 +267,7 @@ class PrivflStrategy(Strategy):
                 if reply.has_error():
                     raise MalformedPayloadError(f"client error: {_short(reply.error.reason)}")
                 m = reply.content.metric_records.get(METRICS)
-                if m is None or int(m.get("client_id", -1)) != cid:
+                if m is None or record_value(m, "client_id", int, "metrics") != cid:
                     raise MalformedPayloadError("metrics missing or client_id does not match the node")
                 payload = content_to_payload(reply.content, self._server.global_state, self._payload_limit())
                 if (self.ckks is not None or self._secagg is not None) and not isinstance(payload, bytes):
@@ -274,7 +280,8 @@ class PrivflStrategy(Strategy):
                 log.warning("round %d: client %d rejected: %s", ctx.round, cid, e)
                 continue
             payloads[ctx.sampled.index(cid)] = payload
-            losses[cid] = float(m.get("train_loss", float("nan")))
+            loss = m.get("train_loss")
+            losses[cid] = float(loss) if isinstance(loss, (int, float)) else float("nan")
         if layouts:
             self._agree_on_layout(layouts, payloads, rejected, ctx)
         received = [c for c, p in zip(ctx.sampled, payloads) if p is not None]
@@ -336,7 +343,7 @@ class PrivflStrategy(Strategy):
         self.history.append({"round": ctx.round, "sampled": list(ctx.sampled), "received": received,
                              "rejected": rejected, "train_loss": train_loss, "privacy": privacy,
                              "seconds": time.perf_counter() - self._t0})
-        metrics: dict[str, float | int] = {"train_loss": train_loss, "clients": len(received),
+        metrics: dict[str, int | float | list[int] | list[float]] = {"train_loss": train_loss, "clients": len(received),
                                            "rejected": len(rejected)}
         if privacy is not None:
             metrics["epsilon"] = float(privacy["epsilon"])
@@ -369,10 +376,11 @@ class PrivflStrategy(Strategy):
             encrypted = self.ckks.aggregate(payloads, ctx.weights)
         survivors_ctx = with_survivors(ctx, payloads)
         for stage in reversed(getattr(self.defense, "stages", (self.defense,))):
-            if hasattr(stage, "event") and getattr(stage, "accountant", None) is not None:
+            accountant = getattr(stage, "accountant", None)
+            if hasattr(stage, "event") and accountant is not None:
                 event = stage.event(survivors_ctx)
-                stage.accountant.check_budget(event)
-                stage.accountant.record(event)
+                accountant.check_budget(event)
+                accountant.record(event)
         self.encrypted_aggregates.append(encrypted)
         return None, self._round_metrics(ctx, received, rejected, losses)
 
