@@ -20,7 +20,12 @@ demo: $(STAMP)
 	$(BIN)/python -m privfl.bench demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m "not deployment"
+
+# SuperLink + SuperNodes on 127.0.0.1 running the Flower example (about 4 minutes); CI runs it too
+.PHONY: test-deployment
+test-deployment: $(STAMP)
+	$(BIN)/python -m pytest -q -m deployment
 
 lint: $(STAMP)
 	$(BIN)/ruff check privfl tests benchmarks

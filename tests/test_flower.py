@@ -303,6 +303,7 @@ def test_below_minimum_fails_cleanly():
 
 
 @pytest.mark.slow
+@pytest.mark.deployment
 def test_example_runs_in_deployment_mode_on_loopback():
     """SuperLink + 3 SuperNodes on 127.0.0.1, `flwr run`, 2 rounds with FedDP, partial sharing and
     secure aggregation, clean shutdown (about 3 minutes)."""
