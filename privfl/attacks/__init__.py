@@ -5,6 +5,8 @@
   or not); :func:`observe_update` produces ground-truth updates.
 * :mod:`privfl.attacks.membership` — :class:`LossThreshold` (Yeom et al. 2018) and :class:`LiRA`
   (Carlini et al. 2022) with shadow models trained by privfl's own FL loop.
+* :mod:`privfl.attacks.synthetic` — :func:`distance_to_closest_record`: membership inference
+  against released synthetic data (what data-sharing methods such as DP-CVAE release).
 * :mod:`privfl.attacks.metrics` — PSNR, SSIM, feature MSE, batch matching; ROC, AUC, TPR at low
   FPR, log-log ROC plots and the empirical ε lower bound.
 
@@ -40,6 +42,7 @@ from privfl.attacks.metrics import (
     ssim,
     tpr_at_fpr,
 )
+from privfl.attacks.synthetic import distance_to_closest_record
 
 __all__ = [
     "FederatedTrainer",
@@ -50,6 +53,7 @@ __all__ = [
     "LossThreshold",
     "attack_summary",
     "auc",
+    "distance_to_closest_record",
     "empirical_epsilon",
     "lira_scores",
     "logit_confidence",

@@ -2,6 +2,7 @@
 
 - `SyntheticHistology`: embedded procedural H&E dataset with exact 4-class masks (no download).
 - `SegmentationFolder` / `write_segmentation_folder`: the DHUnet / WSSS4LUAD folder layout.
+- `PatchClassification` / `ImageFolderPatches`: one tissue label per patch (patch classification).
 - `tile_wsi`: sliding-window tiles of a whole-slide image (tiffslide), background skipped.
 - `iid`, `dirichlet`, `by_site`, `partition`, `train_val_split`: federated splits.
 
@@ -12,11 +13,14 @@ Class convention (WSSS4LUAD): 0 background, 1 normal tissue, 2 tumour-associated
 from privfl.data.errors import DataError
 from privfl.data.folder import SegmentationFolder, write_segmentation_folder
 from privfl.data.partition import SCHEMES, by_site, dirichlet, iid, partition, train_val_split
+from privfl.data.patches import ImageFolderPatches, PatchClassification
 from privfl.data.synthetic import SyntheticHistology, site_stain
 from privfl.data.wsi import Tile, tile_wsi, tissue_fraction
 
 __all__ = [
     "DataError",
+    "ImageFolderPatches",
+    "PatchClassification",
     "SCHEMES",
     "SegmentationFolder",
     "SyntheticHistology",
