@@ -24,6 +24,7 @@ SUBCOMMANDS = {
     "fedavg-vs-feddp": ("privfl.bench.fedavg_vs_feddp", "FedDP Table I: centralized / FL / FedDP per model, with proven ε"),
     "noise-ablation": ("privfl.bench.noise_ablation", "FedDP Table II: Dice over clip C × noise σ, proven ε vs C/σ"),
     "train-throughput": ("privfl.bench.throughput", "training throughput and peak memory per model"),
+    "dpcvae": ("privfl.bench.dpcvae", "DP-CVAE on embeddings vs FedAvg/FedProx/FedLambda/DP-CGAN: utility, ε, attacks"),
 }
 
 
