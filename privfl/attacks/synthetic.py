@@ -31,7 +31,9 @@ def distance_to_closest_record(candidates: torch.Tensor, synthetic: torch.Tensor
     Args:
         candidates: ``(N, D)`` records whose membership is guessed.
         synthetic: ``(M, D)`` released synthetic records.
-        candidate_labels, synthetic_labels: ``(N,)`` and ``(M,)`` class labels, or both ``None``.
+        candidate_labels: ``(N,)`` class labels of the candidates, or ``None`` (then also for the
+            synthetic records).
+        synthetic_labels: ``(M,)`` class labels of the synthetic records, or ``None``.
 
     Raises:
         ValueError: shapes that do not match, only one label tensor, or a candidate class with no

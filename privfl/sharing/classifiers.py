@@ -228,7 +228,8 @@ def federated_linear(
         num_classes: number of outputs.
         rounds: communication rounds; every client takes part in every round.
         local_epochs: epochs of `train_linear` per client and round (a fresh Adam each round).
-        lr, batch_size: of the local Adam training.
+        lr: learning rate of the local Adam training.
+        batch_size: mini-batch size of the local training.
         mu: FedProx's proximal weight μ; the centre is the round's global model.
         seed: seeds the global initialisation and every client's shuffles (client ``k`` in round
             ``r`` uses a seed derived from ``(seed, r, k)``).

@@ -21,7 +21,8 @@ def sliced_wasserstein(real: torch.Tensor, synthetic: torch.Tensor, *, projectio
     """Sliced 1-Wasserstein distance between two samples of embeddings ``(N, D)`` and ``(M, D)``.
 
     Args:
-        real, synthetic: float tensors with the same number of columns D (rows may differ).
+        real: ``(N, D)`` float tensor of real embeddings.
+        synthetic: ``(M, D)`` float tensor of synthetic embeddings (same D; N and M may differ).
         projections: number of random unit directions (default 64).
         seed: seed of the directions (the same seed gives the same directions for every pair).
 
