@@ -32,6 +32,7 @@ def test_every_method_reports_utility_and_the_generators_privacy(record):
         r = rows[name]
         assert r["fidelity_sliced_w1"] > 0 and 0 <= r["lambda"] <= 1
         assert 0 <= r["mia"]["auc"] <= 1 and r["mia"]["n_members"] == sum(record["data"]["sizes"]["train"])
+        assert r["mia_loss"]["n_members"] == r["mia"]["n_members"] and 0 <= r["mia_loss"]["auc"] <= 1
     assert rows["FedAvg"]["mia"]["attack"].startswith("LOSS")
     assert rows["DP-CGAN"]["params"]["total"] > rows["DP-CVAE"]["params"]["total"]
 
