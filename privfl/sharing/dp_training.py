@@ -135,6 +135,7 @@ def train_dp(
     seed: int = 0,
     history: Sequence[PrivacyEvent] | None = None,
     optimizer: str = "sgd",
+    between_steps: Callable[[], None] | None = None,
 ) -> DPTrainResult:
     """Train ``model`` **in place** for ``epochs`` epochs of DP-SGD on ``(x, y)`` (module docstring).
 
@@ -158,34 +159,13 @@ def train_dp(
             randomness (torch's RNG, forked) always. Use a different seed per call.
         history: the model's earlier privacy events (``result.history`` of the previous call).
         optimizer: ``"sgd"`` (no momentum) or ``"adam"``.
+        between_steps: called after every DP-SGD step with opacus' hooks disabled (the DP-CGAN's
+            generator step: it may run ``model`` forward and backward, but must not touch
+            ``model``'s ``.grad``, e.g. use ``torch.autograd.grad`` on its own parameters).
 
     Returns:
         A :class:`DPTrainResult` with this call's event and ε over the whole history.
     """
-    return _train_dp(model, x, y, loss_fn, epochs=epochs, lr=lr, batch_size=batch_size, dp=dp,
-                     total_epochs=total_epochs, params=params, seed=seed, history=history, optimizer=optimizer)
-
-
-def _train_dp(
-    model: nn.Module,
-    x: Tensor,
-    y: Tensor,
-    loss_fn: LossFn,
-    *,
-    epochs: int,
-    lr: float,
-    batch_size: int,
-    dp: DPSGD,
-    total_epochs: int | None = None,
-    params: Iterable[nn.Parameter] | None = None,
-    seed: int = 0,
-    history: Sequence[PrivacyEvent] | None = None,
-    optimizer: str = "sgd",
-    between_steps: Callable[[], None] | None = None,
-) -> DPTrainResult:
-    """:func:`train_dp`, plus ``between_steps()`` called after every DP-SGD step with opacus' hooks
-    disabled (the DP-CGAN's generator step: it may run ``model`` forward and backward, but must not
-    touch ``model``'s ``.grad``, e.g. use ``torch.autograd.grad`` on its own parameters)."""
     total = epochs if total_epochs is None else total_epochs
     _check_inputs(x, y, epochs, total, lr, batch_size, optimizer)
     prior = _merge(history or [])

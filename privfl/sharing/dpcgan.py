@@ -54,10 +54,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from privfl.defenses.dpsgd import DPSGD, PrivacyEvent, sample_level_epsilon
-from privfl.defenses.rng import NoiseSource, default_noise
 from privfl.fl.seeding import derive_seed
-from privfl.sharing.dp_training import OPTIMIZERS, DPTrainResult, _train_dp
+from privfl.sharing.dp_training import OPTIMIZERS, DPTrainResult, train_dp
 from privfl.sharing.dpcvae import (
+    FederatedDPConfig,
     _check_clients,
     _check_schedule,
     _class_probs,
@@ -131,33 +131,17 @@ class CGAN(nn.Module):
 
 
 @dataclass
-class DPCGANConfig:
-    """Settings of :func:`train_federated_dpcgan`; the fields shared with
-    :class:`~privfl.sharing.dpcvae.DPCVAEConfig` mean the same (ε is each client's target over the
-    whole run, clipping over the discriminator's parameters).
+class DPCGANConfig(FederatedDPConfig):
+    """Settings of :func:`train_federated_dpcgan`: those of
+    :class:`~privfl.sharing.dpcvae.FederatedDPConfig` (ε is each client's target over the whole run,
+    clipping over the discriminator's parameters; ``latent`` is the generator's noise dimension
+    unless ``noise_dim`` is given; ``lr`` for both networks), plus:
 
     Attributes:
-        latent: the generator's noise dimension unless ``noise_dim`` is given.
-        hidden: base width of generator and discriminator.
-        rounds, local_epochs, lr, batch_size: schedule; ``lr`` for both networks (SGD by default).
-        epsilon, delta, max_grad_norm: the discriminator's DP-SGD (target ε over all rounds).
-        seed, noise, dp_accountant: as in ``DPCVAEConfig``.
         noise_dim: generator input dimension (default ``latent``).
         optimizer: ``"sgd"`` (the paper's setting for the CVAE) or ``"adam"``, for both networks.
     """
 
-    latent: int = 16
-    hidden: int = 128
-    rounds: int = 50
-    local_epochs: int = 5
-    lr: float = 1e-3
-    batch_size: int = 64
-    epsilon: float = 1.0
-    delta: float = 1e-4
-    max_grad_norm: float = 1.5
-    seed: int = 0
-    noise: NoiseSource = field(default_factory=default_noise)
-    dp_accountant: str = "rdp"
     noise_dim: int | None = None
     optimizer: str = "sgd"
 
@@ -165,11 +149,6 @@ class DPCGANConfig:
     def generator_noise_dim(self) -> int:
         """``noise_dim``, or ``latent`` when it is not given."""
         return int(self.latent if self.noise_dim is None else self.noise_dim)
-
-    def dpsgd(self) -> DPSGD:
-        """The discriminator's DP-SGD settings: ``DPSGD(target_epsilon=epsilon, …)``."""
-        return DPSGD(max_grad_norm=self.max_grad_norm, target_epsilon=self.epsilon, delta=self.delta,
-                     accountant=self.dp_accountant, noise=self.noise)
 
 
 @dataclass
@@ -289,7 +268,7 @@ def _client_round(gan: CGAN, x: Tensor, y: Tensor, config: DPCGANConfig, dp: DPS
         g_opt.zero_grad(set_to_none=True)
 
     gan.train()
-    return _train_dp(gan.discriminator, x, y, d_loss, epochs=config.local_epochs, lr=config.lr,
+    return train_dp(gan.discriminator, x, y, d_loss, epochs=config.local_epochs, lr=config.lr,
                      batch_size=config.batch_size, dp=dp, total_epochs=config.rounds * config.local_epochs,
                      seed=seed, history=history, optimizer=config.optimizer, between_steps=g_step)
 

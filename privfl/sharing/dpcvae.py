@@ -63,18 +63,21 @@ __all__ = ["DPCVAEConfig", "DPCVAEResult", "fedavg_decoders", "sample", "train_f
 
 
 @dataclass
-class DPCVAEConfig:
-    """Settings of :func:`train_federated_dpcvae` (defaults: Di Salvo et al.'s).
+class FederatedDPConfig:
+    """Settings shared by the federated DP generators (:func:`train_federated_dpcvae`,
+    :func:`~privfl.sharing.dpcgan.train_federated_dpcgan`); defaults: Di Salvo et al.'s.
 
     Attributes:
-        latent, hidden: CVAE latent dimension and hidden width.
-        rounds: federated rounds; local_epochs: DP-SGD epochs per client and round.
-        lr: SGD learning rate (no momentum); batch_size: expected (Poisson) batch size.
+        latent: latent (generator noise) dimension.
+        hidden: hidden width.
+        rounds: federated rounds.
+        local_epochs: DP-SGD epochs per client and round.
+        lr: SGD learning rate (no momentum).
+        batch_size: expected (Poisson) batch size.
         epsilon: each client's target ε over the **whole run** (all rounds), at ``delta``.
         delta: δ of the guarantee.
-        max_grad_norm: per-sample L2 clip norm, over encoder and decoder parameters joined.
-        beta: weight of the KL term (:meth:`CVAE.per_sample_loss`).
-        seed: model initialisation, sampling, the reparameterisation draws and (with
+        max_grad_norm: per-sample L2 clip norm, over the DP-trained parameters joined.
+        seed: model initialisation, sampling, the model's own random draws and (with
             ``SeededNoise``) the DP noise.
         noise: where the DP-SGD noise comes from (default :class:`~privfl.defenses.rng.SecureNoise`;
             :class:`~privfl.defenses.rng.SeededNoise` makes a run reproducible and **not private**).
@@ -90,7 +93,6 @@ class DPCVAEConfig:
     epsilon: float = 1.0
     delta: float = 1e-4
     max_grad_norm: float = 1.5
-    beta: float = 1.0
     seed: int = 0
     noise: NoiseSource = field(default_factory=default_noise)
     dp_accountant: str = "rdp"
@@ -99,6 +101,18 @@ class DPCVAEConfig:
         """The DP-SGD settings every client trains with: ``DPSGD(target_epsilon=epsilon, …)``."""
         return DPSGD(max_grad_norm=self.max_grad_norm, target_epsilon=self.epsilon, delta=self.delta,
                      accountant=self.dp_accountant, noise=self.noise)
+
+
+@dataclass
+class DPCVAEConfig(FederatedDPConfig):
+    """Settings of :func:`train_federated_dpcvae`: those of :class:`FederatedDPConfig` (clipping over
+    encoder and decoder parameters joined), plus:
+
+    Attributes:
+        beta: weight of the KL term (:meth:`CVAE.per_sample_loss`).
+    """
+
+    beta: float = 1.0
 
 
 @dataclass
