@@ -292,6 +292,23 @@ def _draw_noise_from(optimizer: DPOptimizer, noise: NoiseSource, key: tuple) -> 
     optimizer.add_noise = add_noise
 
 
+def make_private(module: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader, z: float, dp: DPSGD,
+                 noise_key: tuple) -> tuple:
+    """opacus' ``make_private`` with privfl's settings (Poisson sampling, per-sample clip
+    ``dp.max_grad_norm``, noise multiplier ``z``), the noise drawn from ``dp.noise`` under
+    ``noise_key``; opacus' known warnings silenced. Call it inside ``warnings.catch_warnings()``.
+    Returns ``(engine, grad-sample module, DP optimizer, DP data loader)``; the engine's
+    accountant counts the noised steps."""
+    for msg in _IGNORED_WARNINGS:
+        warnings.filterwarnings("ignore", message=msg)
+    engine = PrivacyEngine(accountant=dp.accountant)
+    gsm, dp_optimizer, dp_loader = engine.make_private(
+        module=module, optimizer=optimizer, data_loader=loader, noise_multiplier=z,
+        max_grad_norm=dp.max_grad_norm, loss_reduction="mean", poisson_sampling=True, grad_sample_mode="hooks")
+    _draw_noise_from(dp_optimizer, dp.noise, noise_key)
+    return engine, gsm, dp_optimizer, dp_loader
+
+
 def fit_dp_sgd(
     model: nn.Module,
     dataset: Dataset,
@@ -360,20 +377,7 @@ def fit_dp_sgd(
         work.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
     )
     with warnings.catch_warnings():
-        for msg in _IGNORED_WARNINGS:
-            warnings.filterwarnings("ignore", message=msg)
-        engine = PrivacyEngine(accountant=dp.accountant)
-        gsm, dp_optimizer, dp_loader = engine.make_private(
-            module=work,
-            optimizer=optimizer,
-            data_loader=loader,
-            noise_multiplier=z,
-            max_grad_norm=dp.max_grad_norm,
-            loss_reduction="mean",
-            poisson_sampling=True,
-            grad_sample_mode="hooks",
-        )
-        _draw_noise_from(dp_optimizer, dp.noise, (round_idx, client_id))
+        engine, gsm, dp_optimizer, dp_loader = make_private(work, optimizer, loader, z, dp, (round_idx, client_id))
         loss_sum, seen = 0.0, 0
         try:
             batches = scheduled_batches(dp_loader, dp_optimizer, config, round_idx, steps, total_rounds)

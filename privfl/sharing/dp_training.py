@@ -55,18 +55,10 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
-from opacus import PrivacyEngine
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from privfl.defenses.dpsgd import (
-    _IGNORED_WARNINGS,
-    DPSGD,
-    PrivacyEvent,
-    _draw_noise_from,
-    _merge,
-    sample_level_epsilon,
-)
+from privfl.defenses.dpsgd import DPSGD, PrivacyEvent, _merge, make_private, sample_level_epsilon
 from privfl.fl.seeding import derive_seed, torch_generator
 
 __all__ = ["OPTIMIZERS", "DPTrainResult", "train_dp"]
@@ -196,21 +188,8 @@ def train_dp(
     model.train()
     try:
         with warnings.catch_warnings(), torch.random.fork_rng(devices=fork_devices):
-            for msg in _IGNORED_WARNINGS:
-                warnings.filterwarnings("ignore", message=msg)
             torch.manual_seed(derive_seed(seed, "train_dp-torch"))
-            engine = PrivacyEngine(accountant=dp.accountant)
-            gsm, dp_optimizer, dp_loader = engine.make_private(
-                module=model,
-                optimizer=base,
-                data_loader=loader,
-                noise_multiplier=z,
-                max_grad_norm=dp.max_grad_norm,
-                loss_reduction="mean",
-                poisson_sampling=True,
-                grad_sample_mode="hooks",
-            )
-            _draw_noise_from(dp_optimizer, dp.noise, ("train_dp", seed))
+            engine, gsm, dp_optimizer, dp_loader = make_private(model, base, loader, z, dp, ("train_dp", seed))
             try:
                 for _ in range(epochs):
                     for xb, yb in dp_loader:
