@@ -25,6 +25,7 @@ PAGES = [
     DOCS / "getting-started.md",
     DOCS / "concepts.md",
     DOCS / "privacy-claims.md",
+    DOCS / "dsl.md",
     *sorted((DOCS / "tutorials").glob("*.md")),
 ]
 _BLOCK = re.compile(r"^```python[^\n]*\n(.*?)^```\s*$", re.DOTALL | re.MULTILINE)

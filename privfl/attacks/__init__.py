@@ -7,12 +7,16 @@
   (Carlini et al. 2022) with shadow models trained by privfl's own FL loop.
 * :mod:`privfl.attacks.synthetic` — :func:`distance_to_closest_record`: membership inference
   against released synthetic data (what data-sharing methods such as DP-CVAE release).
+* :mod:`privfl.attacks.gradient_sign` — :class:`GradientSignAttack` and :func:`bisect_site`:
+  real images from the gradients Distributed Synthetic Learning sites return (passive and active
+  server).
 * :mod:`privfl.attacks.metrics` — PSNR, SSIM, feature MSE, batch matching; ROC, AUC, TPR at low
   FPR, log-log ROC plots and the empirical ε lower bound.
 
 Each attack's module docstring states its threat model. See ``docs/attacks.md``.
 """
 
+from privfl.attacks.gradient_sign import GradientSignAttack, bisect_site, sign_vote_estimate
 from privfl.attacks.inversion import (
     InversionResult,
     InvertingGradients,
@@ -46,6 +50,7 @@ from privfl.attacks.synthetic import distance_to_closest_record
 
 __all__ = [
     "FederatedTrainer",
+    "GradientSignAttack",
     "InversionResult",
     "InvertingGradients",
     "LiRA",
@@ -53,6 +58,7 @@ __all__ = [
     "LossThreshold",
     "attack_summary",
     "auc",
+    "bisect_site",
     "distance_to_closest_record",
     "empirical_epsilon",
     "lira_scores",
@@ -66,6 +72,7 @@ __all__ = [
     "roc_curve",
     "run_membership_experiment",
     "segmentation_scores",
+    "sign_vote_estimate",
     "ssim",
     "total_variation",
     "tpr_at_fpr",

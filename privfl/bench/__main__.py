@@ -25,6 +25,7 @@ SUBCOMMANDS = {
     "noise-ablation": ("privfl.bench.noise_ablation", "FedDP Table II: Dice over clip C × noise σ, proven ε vs C/σ"),
     "train-throughput": ("privfl.bench.throughput", "training throughput and peak memory per model"),
     "dpcvae": ("privfl.bench.dpcvae", "DP-CVAE on embeddings vs FedAvg/FedProx/FedLambda/DP-CGAN: utility, ε, attacks"),
+    "dsl": ("privfl.bench.dsl", "Distributed Synthetic Learning vs FedAvg/FedAvg-GAN: Dice, Dist-FID, MIA, gradient leaks"),
 }
 
 

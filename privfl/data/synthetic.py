@@ -19,6 +19,14 @@ How a patch is made (all lengths in pixels, concentrations in skimage's HED unit
    scale and offset of H and E, the "hospital" stain profile), converted with
    `skimage.color.hed2rgb`, lightly blurred and given pixel noise.
 
+Stains (``stain=``, one of `STAINS`): ``"he"`` (default) is the H&E rendering above. ``"ihc"``
+renders the *same* tissue (same mask, nuclei and textures: the random draws are identical, only
+the concentration table differs) as a DAB immunostain with haematoxylin counterstain, like a
+pan-cytokeratin IHC: pale blue nuclei (0.6x the H&E nuclear haematoxylin), almost no eosin, and
+brown DAB (the third HED channel) strong in tumour epithelium cytoplasm, weak in normal tissue and
+absent from stroma and background. The two renderings of a sample are pixel-aligned, which is
+what a multi-modal dataset (`privfl.data.multistain.MultiStainHistology`) builds on.
+
 Colour alone does not separate the classes well: the class identity is mostly in texture and
 nuclear morphology, which is what a segmentation network has to learn.
 """
@@ -27,6 +35,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import lru_cache
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -35,7 +44,7 @@ from skimage.color import hed2rgb
 from skimage.draw import ellipse
 from torch.utils.data import Dataset
 
-__all__ = ["SyntheticHistology", "site_stain"]
+__all__ = ["STAINS", "SyntheticHistology", "site_stain"]
 
 Transform = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
@@ -46,6 +55,36 @@ _SITE_STAIN_KEY = 0x5EED_57A1
 # Layout RNG and render RNG are separate streams so that masks can be produced without rendering.
 _LAYOUT_STREAM = 0
 _RENDER_STREAM = 1
+
+#: Stains `SyntheticHistology` can render: H&E and a DAB (pan-cytokeratin-like) IHC.
+STAINS = ("he", "ihc")
+
+
+class _StainProfile(NamedTuple):
+    """Rendering constants of one stain (concentrations in skimage's HED units)."""
+
+    base: tuple[tuple[float, float, float], ...]  # (H, E, D) of classes 0..3 before texture
+    nuclear_h: float  # factor on the nuclear haematoxylin concentration
+    nuclear_e_cut: float  # fraction of eosin displaced where a nucleus covers the pixel
+    nuclear_d_cut: float  # fraction of the D channel displaced by nuclei
+
+
+_STAIN_PROFILES = {
+    "he": _StainProfile(
+        base=((0.002, 0.002, 0.002), (0.010, 0.020, 0.013), (0.004, 0.034, 0.024), (0.022, 0.017, 0.011)),
+        nuclear_h=1.0,
+        nuclear_e_cut=0.6,
+        nuclear_d_cut=0.4,
+    ),
+    # DAB on the cytoplasm of epithelium (strong in tumour, weak in normal), none in stroma;
+    # haematoxylin counterstain lighter than in H&E; eosin only as a trace.
+    "ihc": _StainProfile(
+        base=((0.002, 0.0005, 0.0), (0.006, 0.002, 0.012), (0.005, 0.002, 0.0), (0.007, 0.002, 0.060)),
+        nuclear_h=0.6,
+        nuclear_e_cut=0.6,
+        nuclear_d_cut=0.8,
+    ),
+}
 
 
 def site_stain(site: int, stain_strength: float = 0.05) -> tuple[np.ndarray, np.ndarray]:
@@ -101,6 +140,10 @@ class SyntheticHistology(Dataset):
         sites: number of stain profiles cycled over samples (sample ``i`` has site ``i % sites``).
         site: if given, every sample uses this stain profile (overrides ``sites``).
         stain_strength: magnitude of the per-site stain shift (see `site_stain`); 0 disables it.
+        stain: ``"he"`` (H&E, default) or ``"ihc"`` (DAB immunostain with haematoxylin
+            counterstain: brown tumour epithelium, pale blue nuclei). Both render the same tissue:
+            for a given ``(seed, i)`` the mask, nuclei and textures are identical and the images
+            pixel-aligned; only the colours differ. Site stain profiles apply to both.
         transform: optional callable ``(image, mask) -> (image, mask)`` applied on every access,
             after generation and caching.
         cache: keep generated samples (as uint8 arrays) in memory.
@@ -124,6 +167,8 @@ class SyntheticHistology(Dataset):
         stain_strength: float = 0.05,
         transform: Transform | None = None,
         cache: bool = True,
+        *,
+        stain: str = "he",
     ) -> None:
         if length < 1:
             raise ValueError(f"length must be >= 1, got {length}")
@@ -135,12 +180,15 @@ class SyntheticHistology(Dataset):
             raise ValueError(f"site must be >= 0, got {site}")
         if stain_strength < 0:
             raise ValueError(f"stain_strength must be >= 0, got {stain_strength}")
+        if stain not in STAINS:
+            raise ValueError(f"stain must be one of {STAINS}, got {stain!r}")
         self.length = int(length)
         self.size = int(size)
         self.seed = int(seed)
         self.sites = int(sites)
         self.site = site
         self.stain_strength = float(stain_strength)
+        self.stain = stain
         self.transform = transform
         self.cache = cache
         if site is not None:
@@ -226,6 +274,7 @@ class SyntheticHistology(Dataset):
     def _render(self, mask: np.ndarray, rng: np.random.Generator, site: int) -> np.ndarray:
         s = self.size
         k = (s / 64.0) ** 0.5  # morphology scale: nuclei and fibres grow slowly with patch size
+        prof = _STAIN_PROFILES[self.stain]  # only concentrations depend on it, never the RNG draws
         onehot = (mask[None] == np.arange(4, dtype=np.uint8)[:, None, None]).astype(np.float32)
         weights = ndimage.gaussian_filter(onehot, sigma=(0, 0.8 * k, 0.8 * k))
 
@@ -237,11 +286,11 @@ class SyntheticHistology(Dataset):
 
         hed = np.zeros((3, s, s), dtype=np.float64)
         # background: faint glass with dust-level noise
-        bg = np.array([0.002, 0.002, 0.002])[:, None, None] * jit[0][:, None, None] * (1 + 0.3 * fine)
+        bg = np.array(prof.base[0])[:, None, None] * jit[0][:, None, None] * (1 + 0.3 * fine)
         hed += weights[0] * bg
         # normal tissue: pale mottled cytoplasm
         tex = np.clip(1.0 + 0.25 * mottle + 0.15 * fine, 0.5, None)
-        normal = np.array([0.010, 0.020, 0.013])[:, None, None] * jit[1][:, None, None] * tex
+        normal = np.array(prof.base[1])[:, None, None] * jit[1][:, None, None] * tex
         hed += weights[1] * normal
         # stroma: wavy eosin fibres along a random angle
         theta = rng.uniform(0, np.pi)
@@ -252,18 +301,18 @@ class SyntheticHistology(Dataset):
         wave = 2.5 * _field(rng, s, 3) + 0.8 * _field(rng, s, max(6, s // 14))
         fib = 0.5 + 0.5 * np.sin(2 * np.pi * across / wavelength + wave + 0.1 * along / wavelength)
         fib = fib ** rng.uniform(1.5, 3.0) * np.clip(0.75 + 0.35 * fine, 0.2, None)
-        stroma = np.array([0.004, 0.034, 0.024])[:, None, None] * jit[2][:, None, None] * (0.45 + 0.75 * fib)
+        stroma = np.array(prof.base[2])[:, None, None] * jit[2][:, None, None] * (0.45 + 0.75 * fib)
         hed += weights[2] * stroma
         # tumour epithelium: slightly basophilic cytoplasm
-        tumour = np.array([0.022, 0.017, 0.011])[:, None, None] * jit[3][:, None, None] * (tex + 0.1 * fine)
+        tumour = np.array(prof.base[3])[:, None, None] * jit[3][:, None, None] * (tex + 0.1 * fine)
         hed += weights[3] * tumour
 
         nuc_h, nuc_a = self._nuclei(mask, rng, theta, k)
         chroma = 0.8 + 0.25 * fine
         a = np.clip(nuc_a, 0.0, 1.0)
-        hed[0] = hed[0] * (1 - a) + a * nuc_h * chroma
-        hed[1] *= 1 - 0.6 * a
-        hed[2] *= 1 - 0.4 * a
+        hed[0] = hed[0] * (1 - a) + a * (nuc_h * prof.nuclear_h) * chroma
+        hed[1] *= 1 - prof.nuclear_e_cut * a
+        hed[2] *= 1 - prof.nuclear_d_cut * a
 
         scale, offset = site_stain(site, self.stain_strength)
         tissue = 1.0 - weights[0]

@@ -47,7 +47,6 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 import torch
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import Tensor, nn
 
 from privfl.defenses.dpsgd import DPSGD, PrivacyEvent, sample_level_epsilon
@@ -55,6 +54,7 @@ from privfl.defenses.rng import NoiseSource, default_noise
 from privfl.fl.seeding import derive_seed
 from privfl.sharing.cvae import CVAE
 from privfl.sharing.dp_training import train_dp
+from privfl.sharing.progress import progress_bar
 from privfl.updates import weighted_mean
 
 _M = TypeVar("_M", bound=nn.Module)
@@ -209,10 +209,7 @@ def _seeded(factory: Callable[[], _M], *parts: int | str) -> _M:
         return factory()
 
 
-def _progress(progress: bool, label: str) -> Progress:
-    columns = (TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-               TextColumn("{task.fields[status]}"))
-    return Progress(*columns, disable=not progress, transient=False)
+_progress = progress_bar
 
 
 def train_federated_dpcvae(clients: Sequence[tuple[Tensor, Tensor]], num_classes: int, config: DPCVAEConfig, *,
