@@ -136,7 +136,8 @@ class GradientSignAttack:
         ``use_signs=False`` returns the prior alone — what the server has without the gradients.
         Unseen images get the mid-range value.
         """
-        out, seen = [], []
+        out: list[Tensor | None] = []
+        seen: list[bool] = []
         for mask in masks:
             key = mask_key(mask)
             if key in self.probes:

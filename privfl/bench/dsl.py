@@ -90,44 +90,53 @@ def _plot(record: dict[str, Any], path: Path) -> Path:
 
     rows = [_flat(r) for r in record["methods"]]
     names = [_label(r) for r in rows]
-    fig, axes = plt.subplots(1, 4, figsize=(18, 4))
-    ax = axes[0]
-    ax.bar(names, [r["dice"] for r in rows], color="tab:blue")
-    ax.set_ylim(0, 1)
+    ys = list(range(len(rows)))[::-1]  # first method on top
+    fig, axes = plt.subplots(2, 2, figsize=(14, 9))
+    ax = axes[0, 0]
+    ax.barh(ys, [r["dice"] for r in rows], color="tab:blue")
+    ax.set_yticks(ys, names)
+    ax.set_xlim(0, 1)
     ax.set_title("downstream Dice on real held-out H&E")
-    ax = axes[1]
-    fid_rows = [r for r in rows if r["dist_fid_he"] is not None]
-    ax.bar([_label(r) for r in fid_rows], [r["dist_fid_he"] for r in fid_rows], color="tab:green")
+    ax = axes[0, 1]
+    fid = [(y, r) for y, r in zip(ys, rows) if r["dist_fid_he"] is not None]
+    ax.barh([y for y, _ in fid], [r["dist_fid_he"] for _, r in fid], color="tab:green")
+    ax.set_yticks(ys, names)
     ax.set_title("Dist-FID, H&E (lower is better)")
-    ax = axes[2]
-    xs = range(len(rows))
-    ax.bar([x - 0.2 for x in xs], [r["mia_loss_auc"] or 0 for r in rows], 0.4, label="LOSS on segmenter")
-    ax.bar([x + 0.2 for x in xs], [r["mia_dcr_auc"] or 0 for r in rows], 0.4, label="closest synthetic image")
-    ax.set_xticks(list(xs), names)
-    ax.axhline(0.5, color="grey", lw=1, ls="--")
-    ax.set_ylim(0, 1)
-    ax.set_title("membership inference AUC")
-    ax.legend(fontsize=7)
-    ax = axes[3]
+    ax = axes[1, 0]
+    ax.barh([y + 0.2 for y in ys], [r["mia_loss_auc"] or 0 for r in rows], 0.4, label="LOSS on the segmenter")
+    ax.barh([y - 0.2 for y in ys], [r["mia_dcr_auc"] or 0 for r in rows], 0.4, label="closest synthetic image")
+    lira = record["attacks"].get("lira_dsl")
+    if lira:
+        y = ys[names.index("DSL")] if "DSL" in names else ys[0]
+        ax.plot([lira["auc"]], [y], "k*", ms=12, label=lira["attack"])
+    ax.set_yticks(ys, names)
+    ax.axvline(0.5, color="grey", lw=1, ls="--")
+    ax.set_xlim(0, 1)
+    ax.set_title("membership inference AUC (0.5 = chance)")
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.06), ncol=3)
+    ax = axes[1, 1]
     attack_rows = _attack_rows(record["attacks"])
     levels = sorted({a["noise_multiplier"] for a in attack_rows}, key=lambda s: -1.0 if s is None else s)
-    ticks = ["none" if s is None else f"σ={s:g}" for s in levels]
+    xs = range(len(levels))
     for mode, style in (("passive", "o-"), ("active", "s-")):
         by = {a["noise_multiplier"]: a for a in attack_rows if a["attack"] == mode}
-        ax.plot(range(len(levels)), [by[s]["psnr_db"] if s in by else float("nan") for s in levels], style,
-                label=f"{mode} server")
+        ax.plot(xs, [by[s]["psnr_db"] if s in by else float("nan") for s in levels], style, label=f"{mode} server")
     prior = {a["noise_multiplier"]: a["server_synthetic_psnr_db"] for a in attack_rows if a["attack"] == "passive"}
-    ax.plot(range(len(levels)), [prior.get(s) or float("nan") for s in levels], "k--", lw=1,
-            label="server's own synthetic images")
-    ax.set_xticks(range(len(levels)), ticks)
+    ax.plot(xs, [prior.get(s) or float("nan") for s in levels], "k--", lw=1, label="server's own synthetic images")
+    ax.set_xticks(list(xs), ["none" if s is None else f"σ={s:g}" for s in levels])
     ax.set_xlabel("noise on the returned gradients")
-    ax.set_ylabel("PSNR (dB)")
-    ax.legend(fontsize=7)
-    ax.set_title("real image rebuilt from returned gradients")
-    for a in axes[:3]:
-        a.tick_params(axis="x", labelrotation=35, labelsize=7)
+    ax.set_ylabel("PSNR of the rebuilt real image (dB)")
+    ax.set_title("what the returned gradients leak, and what hiding it costs")
+    dice = {r["noise_multiplier"]: r["dice"] for r in rows if r["method"] in ("DSL", "DSL + clip/noise")}
+    twin = ax.twinx()
+    twin.plot(xs, [dice.get(s, float("nan")) for s in levels], "^:", color="tab:green", label="downstream Dice")
+    twin.set_ylim(0, 1)
+    twin.set_ylabel("downstream Dice")
+    lines, labels = ax.get_legend_handles_labels()
+    more, more_labels = twin.get_legend_handles_labels()
+    ax.legend(lines + more, labels + more_labels, fontsize=7, loc="upper right")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 

@@ -31,7 +31,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -213,7 +213,7 @@ def _membership(model: nn.Module, data: _Data, synthetic: Tensor | None) -> dict
     return out
 
 
-def _fidelity(synthetic: Tensor, site_stats: dict[str, list[FeatureStats | None]], extractor: nn.Module,
+def _fidelity(synthetic: Tensor, site_stats: Mapping[str, Sequence[FeatureStats | None]], extractor: nn.Module,
               modalities: Sequence[str]) -> dict[str, dict[str, float]]:
     out = {}
     for k, mod in enumerate(modalities):
@@ -311,7 +311,7 @@ def run_dsl_experiment(preset: DSLPreset, *, methods: Sequence[str] | None = Non
     attacks: dict[str, Any] = {}
     target_for_lira: nn.Module | None = None
 
-    def downstream(name: str, result: DSLResult, stats: dict[str, list[FeatureStats | None]], t_start: float,
+    def downstream(name: str, result: DSLResult, stats: Mapping[str, Sequence[FeatureStats | None]], t_start: float,
                    extra: dict[str, Any] | None = None) -> None:
         synthetic = synthesize(result.generator, all_masks, seed=preset.seed)
         seg, dice = _segmenter(synthetic[:, :3], all_masks, data, preset, derive_seed(preset.seed, "seg", name))

@@ -91,7 +91,7 @@ class MaskToImageGenerator(nn.Module):
 
     def forward(self, mask: Tensor) -> Tensor:
         """Images ``(B, 3·M, H, W)`` in [0, 1] for masks ``(B, H, W)`` (labels) or ``(B, C, H, W)`` (one-hot)."""
-        x = one_hot_mask(mask, self.num_classes).to(self.net[1].weight.dtype)
+        x = one_hot_mask(mask, self.num_classes).to(next(self.parameters()).dtype)
         if x.shape[-1] % 4 or x.shape[-2] % 4:
             raise ValueError(f"mask height and width must be multiples of 4, got {tuple(x.shape[-2:])}")
         return (self.net(x) + 1) / 2
