@@ -85,3 +85,24 @@ def test_cli_writes_json_csv_plot_and_report(tmp_path, capsys):
     report = (out / "report.md").read_text()
     assert "Dist-FID" in report and "PSNR" in report and (out / "dsl.png").stat().st_size > 10_000
     assert main(["dsl", "--preset", "tiny", "--timm-model", "resnet18", "--out", str(out)]) == 2
+
+
+def test_gpu_preset_networks_and_perceptual_loss_fit_together():
+    """The ``gpu`` preset cannot run here; its networks, image size and perceptual extractor must fit."""
+    import torch
+
+    from privfl.sharing.dsl import MaskToImageGenerator, PatchDiscriminator
+    from privfl.sharing.dsl.experiment import MODALITIES, _config
+    from privfl.sharing.embeddings import dhunet_encoder
+
+    preset = PRESETS["gpu"]
+    config = _config(preset, MODALITIES)
+    assert config.lambda_perceptual > 0 and preset.lira_shadows > 0
+    gen = MaskToImageGenerator(4, len(MODALITIES), ngf=config.ngf, n_blocks=config.n_blocks)
+    masks = torch.randint(0, 4, (1, preset.size, preset.size))
+    out = gen(masks)
+    assert out.shape == (1, 6, preset.size, preset.size)
+    dhunet_encoder(size=preset.size, seed=1)(out[:, :3]).abs().mean().backward()  # the perceptual term
+    assert next(gen.parameters()).grad is not None
+    disc = PatchDiscriminator(4, 3, ndf=config.ndf, n_layers=config.d_layers)
+    assert disc(out[:, 3:].detach(), masks).shape[:2] == (1, 1)
