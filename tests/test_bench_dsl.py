@@ -26,7 +26,7 @@ def test_every_method_reports_dice_fidelity_and_membership(record):
     preset = PRESETS["tiny"]
     n_members, n_non = preset.sites * preset.train_per_site, preset.sites * preset.test_per_site
     for name, r in rows.items():
-        assert 0 <= r["dice"] <= 1
+        assert 0 <= r["dice"] <= 1 and r["dice_std"] >= 0 and len(r["dice_per_seed"]) == PRESETS["tiny"].seg_seeds
         loss = r["mia"]["loss"]
         assert 0 <= loss["auc"] <= 1 and (loss["n_members"], loss["n_nonmembers"]) == (n_members, n_non)
         if name in ("Real (centralized)", "FedAvg"):
@@ -106,3 +106,9 @@ def test_gpu_preset_networks_and_perceptual_loss_fit_together():
     assert next(gen.parameters()).grad is not None
     disc = PatchDiscriminator(4, 3, ndf=config.ndf, n_layers=config.d_layers)
     assert disc(out[:, 3:].detach(), masks).shape[:2] == (1, 1)
+
+
+def test_seg_model_option_is_checked(tmp_path):
+    from privfl.bench.__main__ import main
+
+    assert main(["dsl", "--preset", "tiny", "--seg-model", "no-such-model", "--out", str(tmp_path)]) == 2

@@ -22,7 +22,7 @@ from rich.table import Table
 
 from privfl.bench.common import console_for, default_out, finish, machine
 
-COLUMNS = ("method", "noise_multiplier", "dice", "dist_fid_he", "fid_he", "dist_fid_ihc", "fid_ihc", "mia_loss_auc", "mia_dcr_auc",
+COLUMNS = ("method", "noise_multiplier", "dice", "dice_std", "dist_fid_he", "fid_he", "dist_fid_ihc", "fid_ihc", "mia_loss_auc", "mia_dcr_auc",
            "bytes_from_sites", "seconds")
 
 
@@ -34,6 +34,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "the paper's networks)")
     p.add_argument("--methods", nargs="+", default=None, metavar="METHOD",
                    help=f"subset of {', '.join(repr(m) for m in METHODS)} (default all)")
+    p.add_argument("--seg-model", default=None,
+                   help="downstream segmenter (privfl.models name; default the preset's: unet-tiny for cpu-quick, "
+                        "dhunet-tiny for gpu)")
     p.add_argument("--timm-model", default=None, help="FID features from this timm model instead of privfl's encoder")
     p.add_argument("--checkpoint", type=Path, default=None, help="local weights of --timm-model (nothing is downloaded)")
     p.add_argument("--seeded-noise", action="store_true",
@@ -56,6 +59,7 @@ def _flat(row: dict[str, Any]) -> dict[str, Any]:
     traffic = row.get("traffic_bytes") or {}
     sent = sum(v for k, v in traffic.items() if k in ("masks_to_server", "gradients_to_server", "models_to_server"))
     return {"method": row["method"], "noise_multiplier": row.get("noise_multiplier"), "dice": row["dice"],
+            "dice_std": row.get("dice_std"),
             "dist_fid_he": _get(row, "fidelity", "he", "dist_fid"), "fid_he": _get(row, "fidelity", "he", "fid"),
             "dist_fid_ihc": _get(row, "fidelity", "ihc", "dist_fid"), "fid_ihc": _get(row, "fidelity", "ihc", "fid"),
             "mia_loss_auc": _get(row, "mia", "loss", "auc"), "mia_dcr_auc": _get(row, "mia", "dcr", "auc"),
@@ -93,10 +97,10 @@ def _plot(record: dict[str, Any], path: Path) -> Path:
     ys = list(range(len(rows)))[::-1]  # first method on top
     fig, axes = plt.subplots(2, 2, figsize=(14, 9))
     ax = axes[0, 0]
-    ax.barh(ys, [r["dice"] for r in rows], color="tab:blue")
+    ax.barh(ys, [r["dice"] for r in rows], xerr=[r["dice_std"] or 0 for r in rows], color="tab:blue", capsize=3)
     ax.set_yticks(ys, names)
     ax.set_xlim(0, 1)
-    ax.set_title("downstream Dice on real held-out H&E")
+    ax.set_title("downstream Dice on real held-out H&E (mean ± std over seeds)")
     ax = axes[0, 1]
     fid = [(y, r) for y, r in zip(ys, rows) if r["dist_fid_he"] is not None]
     ax.barh([y for y, _ in fid], [r["dist_fid_he"] for _, r in fid], color="tab:green")
@@ -127,7 +131,7 @@ def _plot(record: dict[str, Any], path: Path) -> Path:
     ax.set_xlabel("noise on the returned gradients")
     ax.set_ylabel("PSNR of the rebuilt real image (dB)")
     ax.set_title("what the returned gradients leak, and what hiding it costs")
-    dice = {r["noise_multiplier"]: r["dice"] for r in rows if r["method"] in ("DSL", "DSL + clip/noise")}
+    dice = {r["noise_multiplier"]: r["dice"] for r in rows if r["method"] in ("DSL", "DSL + clip/noise")}  # means
     twin = ax.twinx()
     twin.plot(xs, [dice.get(s, float("nan")) for s in levels], "^:", color="tab:green", label="downstream Dice")
     twin.set_ylim(0, 1)
@@ -150,16 +154,16 @@ def _report(record: dict[str, Any], out: Path) -> Path:
         f"held-out images per site, {d['size']}×{d['size']} px, modalities {', '.join(d['modalities'])} "
         f"(Hetero-MM-DSL: {lacking}). Generators: {p['epochs']} epochs (pix2pix ResNet generator, ngf "
         f"{p['ngf']}, {p['n_blocks']} blocks; PatchGAN ndf {p['ndf']}; λ₁ = {p['lambda_l1']}). Downstream: "
-        f"`{p['seg_model']}`, {p['seg_epochs']} epochs. Machine: {record['machine'].get('cpu')}, "
+        f"`{p['seg_model']}`, {p['seg_epochs']} epochs, {p['seg_seeds']} seeds per method. Machine: {record['machine'].get('cpu')}, "
         f"{record['machine'].get('cores')} cores, {record['machine'].get('gpu', 'no GPU')}; {record['seconds']:.0f} s "
         "in all.", "",
-        "| method | Dice (real test) | Dist-FID H&E | FID H&E | Dist-FID IHC | MIA LOSS AUC | MIA closest-image AUC "
+        "| method | Dice (real test, mean ± std) | Dist-FID H&E | FID H&E | Dist-FID IHC | MIA LOSS AUC | MIA closest-image AUC "
         "| bytes sent by sites | s |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in record["methods"]:
         f = _flat(r)
-        lines.append(f"| {_label(f)} | {f['dice']:.3f} | {_fmt(f['dist_fid_he'])} | {_fmt(f['fid_he'])} | "
+        lines.append(f"| {_label(f)} | {f['dice']:.3f} ± {f['dice_std'] or 0:.3f} | {_fmt(f['dist_fid_he'])} | {_fmt(f['fid_he'])} | "
                      f"{_fmt(f['dist_fid_ihc'])} | {_fmt(f['mia_loss_auc'])} | {_fmt(f['mia_dcr_auc'])} | "
                      f"{_fmt(f['bytes_from_sites'], ',')} | {f['seconds']:.0f} |")
     lines += ["", "Reconstruction of site 0's real images from the gradients it returns:", "",
@@ -175,7 +179,8 @@ def _report(record: dict[str, Any], out: Path) -> Path:
                       f"{lira['tpr_at_1%_fpr']:.3f}."]
     lines += ["", "![DSL](dsl.png)", "",
               "Dice is the mean foreground Dice of the downstream segmenter on the real held-out H&E images of all "
-              "sites. Dist-FID weighs each site's FID (its real feature statistics, sent once) by its size; "
+              "sites, averaged over downstream models trained with different seeds (the same seeds for every "
+              "method; the first one is attacked). Dist-FID weighs each site's FID (its real feature statistics, sent once) by its size; "
               "features come from privfl's random-weight encoder, so values compare within this benchmark only. "
               "Membership: members are the real training images whose masks generated the synthetic data, "
               "non-members the held-out images; 0.5 is chance. Passive: the honest-but-curious server votes on "
@@ -201,6 +206,15 @@ def run(args: argparse.Namespace) -> int:
         console.print("[red]--timm-model and --checkpoint go together (weights come only from a local file)")
         return 2
     preset = PRESETS[args.preset]
+    if args.seg_model:
+        from dataclasses import replace
+
+        from privfl.models import list_models
+
+        if args.seg_model not in list_models():
+            console.print(f"[red]unknown --seg-model {args.seg_model!r}; choose from {', '.join(list_models())}")
+            return 2
+        preset = replace(preset, seg_model=args.seg_model)
     extractor = timm_encoder(args.timm_model, args.checkpoint) if args.timm_model else None
     out = args.out or default_out("dsl")
     out.mkdir(parents=True, exist_ok=True)
@@ -215,7 +229,7 @@ def run(args: argparse.Namespace) -> int:
         table.add_column(col, justify="left" if col == "method" else "right")
     rows = [_flat(r) for r in result["methods"]]
     for f in rows:
-        table.add_row(_label(f), f"{f['dice']:.3f}", _fmt(f["dist_fid_he"]), _fmt(f["dist_fid_ihc"]),
+        table.add_row(_label(f), f"{f['dice']:.3f}±{f['dice_std'] or 0:.3f}", _fmt(f["dist_fid_he"]), _fmt(f["dist_fid_ihc"]),
                       _fmt(f["mia_loss_auc"]), _fmt(f["mia_dcr_auc"]))
     console.print(table)
     attack_rows = _attack_rows(result["attacks"])

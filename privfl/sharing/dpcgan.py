@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -58,6 +58,7 @@ from privfl.fl.seeding import derive_seed
 from privfl.sharing.dp_training import OPTIMIZERS, DPTrainResult, train_dp
 from privfl.sharing.dpcvae import (
     FederatedDPConfig,
+    FederatedDPResult,
     _check_clients,
     _check_schedule,
     _class_probs,
@@ -151,32 +152,20 @@ class DPCGANConfig(FederatedDPConfig):
         return int(self.latent if self.noise_dim is None else self.noise_dim)
 
 
-@dataclass
-class DPCGANResult:
-    """What :func:`train_federated_dpcgan` returns (fields as in :class:`~privfl.sharing.dpcvae.DPCVAEResult`).
+@dataclass(kw_only=True)
+class DPCGANResult(FederatedDPResult):
+    """What :func:`train_federated_dpcgan` returns: the fields of
+    :class:`~privfl.sharing.dpcvae.FederatedDPResult` (``losses``: the discriminator's mean training
+    loss; ``param_count``: ``{"generator", "discriminator", "total"}``), plus:
 
     Attributes:
         global_generator: the final global generator state (``generator.*`` keys).
         model: a :class:`CGAN` in eval mode with the global generator and a fresh discriminator,
             for :func:`sample`; no client's discriminator is in it.
-        epsilons: per client, ε at ``delta`` of its discriminator's DP-SGD history.
-        histories: per client, ``[(z, q, steps), …]``.
-        sent: the keys of every message, one list per message (round-major, then client).
-        param_count: ``{"generator", "discriminator", "total"}``.
-        seconds: wall-clock time of the training.
-        delta: δ of ``epsilons``.
-        losses: ``losses[r][c]``, the discriminator's mean training loss (noise-free, not DP).
     """
 
     global_generator: dict[str, Tensor]
     model: CGAN
-    epsilons: list[float]
-    histories: list[list[PrivacyEvent]]
-    sent: list[list[str]]
-    param_count: dict[str, int]
-    seconds: float
-    delta: float = 0.0
-    losses: list[list[float]] = field(default_factory=list)
 
 
 def train_federated_dpcgan(clients: Sequence[tuple[Tensor, Tensor]], num_classes: int, config: DPCGANConfig, *,

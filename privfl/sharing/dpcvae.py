@@ -59,7 +59,8 @@ from privfl.updates import weighted_mean
 
 _M = TypeVar("_M", bound=nn.Module)
 
-__all__ = ["DPCVAEConfig", "DPCVAEResult", "fedavg_decoders", "sample", "train_federated_dpcvae"]
+__all__ = ["DPCVAEConfig", "DPCVAEResult", "FederatedDPConfig", "FederatedDPResult", "fedavg_decoders", "sample",
+           "train_federated_dpcvae"]
 
 
 @dataclass
@@ -115,27 +116,22 @@ class DPCVAEConfig(FederatedDPConfig):
     beta: float = 1.0
 
 
-@dataclass
-class DPCVAEResult:
-    """What :func:`train_federated_dpcvae` returns.
+@dataclass(kw_only=True)
+class FederatedDPResult:
+    """What the federated DP generators (:func:`train_federated_dpcvae`, DP-CGAN) return besides their model.
 
     Attributes:
-        global_decoder: the final global decoder state (``decoder.*`` keys).
-        model: a :class:`CVAE` in eval mode with the global decoder and a fresh (untrained,
-            seeded) encoder, for :func:`sample`; no client's encoder is in it.
         epsilons: per client, ε at ``delta`` of its whole history (``sample_level_epsilon``).
         histories: per client, its DP-SGD events ``[(z, q, steps), …]`` (equal events merged).
         sent: the keys of every message a client sent, one list per message, in the order sent
             (round 0 client 0, round 0 client 1, …, round 1 client 0, …).
-        param_count: ``{"decoder", "encoder", "total"}`` parameter counts of one CVAE.
+        param_count: parameter counts of one model, by part, and ``"total"``.
         seconds: wall-clock time of the training.
         delta: δ of ``epsilons``.
         losses: ``losses[r][c]``, client ``c``'s mean training loss in round ``r`` (noise-free,
             not covered by the DP guarantee).
     """
 
-    global_decoder: dict[str, Tensor]
-    model: CVAE
     epsilons: list[float]
     histories: list[list[PrivacyEvent]]
     sent: list[list[str]]
@@ -143,6 +139,21 @@ class DPCVAEResult:
     seconds: float
     delta: float = 0.0
     losses: list[list[float]] = field(default_factory=list)
+
+
+@dataclass(kw_only=True)
+class DPCVAEResult(FederatedDPResult):
+    """What :func:`train_federated_dpcvae` returns: the fields of :class:`FederatedDPResult`
+    (``param_count`` has ``{"decoder", "encoder", "total"}``), plus:
+
+    Attributes:
+        global_decoder: the final global decoder state (``decoder.*`` keys).
+        model: a :class:`CVAE` in eval mode with the global decoder and a fresh (untrained,
+            seeded) encoder, for :func:`sample`; no client's encoder is in it.
+    """
+
+    global_decoder: dict[str, Tensor]
+    model: CVAE
 
 
 def _size_weighted(states: Sequence[dict[str, Tensor]], sizes: Sequence[int], prefix: str) -> dict[str, Tensor]:

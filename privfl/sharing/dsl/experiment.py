@@ -85,6 +85,8 @@ class DSLPreset:
             each client takes about as many steps as the centralized model).
         seg_batch_size: downstream batch size.
         seg_lr: downstream SGD learning rate.
+        seg_seeds: downstream models trained per method (Dice is their mean ± std); the same seeds
+            for every method.
         defense_clip: per-image clip of the returned gradients (``ClipAndNoise``).
         defense_noises: noise multipliers of the defense; ``DSL + clip/noise`` runs once per value.
         attack_images: site-0 images the passive attacker tracks.
@@ -111,6 +113,7 @@ class DSLPreset:
     seg_epochs: int = 30
     seg_batch_size: int = 8
     seg_lr: float = 0.01
+    seg_seeds: int = 3
     fedavg_local_epochs: int = 3
     defense_clip: float = 1.0
     defense_noises: tuple[float, ...] = (0.01, 0.05, 0.2)
@@ -123,7 +126,7 @@ class DSLPreset:
 PRESETS = {
     "cpu-quick": DSLPreset("cpu-quick", train_per_site=24, test_per_site=12, epochs=40, seg_epochs=40, lira_shadows=4),
     "tiny": DSLPreset("tiny", sites=3, train_per_site=4, test_per_site=2, epochs=1, ngf=4, ndf=4, n_blocks=1,
-                      seg_epochs=1, fedavg_local_epochs=1, defense_noises=(0.05,), attack_images=2,
+                      seg_epochs=1, seg_seeds=1, fedavg_local_epochs=1, defense_noises=(0.05,), attack_images=2,
                       bisect_passes=2),
     "gpu": DSLPreset("gpu", sites=4, train_per_site=200, test_per_site=50, size=128, epochs=200, batch_size=8, ngf=64,
                      ndf=64, n_blocks=9, lambda_perceptual=10.0, seg_model="dhunet-tiny", seg_epochs=100, seg_batch_size=16,
@@ -177,16 +180,23 @@ def _config(preset: DSLPreset, modalities: tuple[str, ...]) -> DSLConfig:
                      reminding_weight=preset.reminding_weight, seed=preset.seed)
 
 
+def _seg_model(preset: DSLPreset) -> nn.Module:
+    """A fresh downstream segmenter (DHU-Nets are built for the preset's image size)."""
+    from privfl.models import build_model
+
+    extra = {"img_size": preset.size} if preset.seg_model.startswith("dhunet") else {}
+    return build_model(preset.seg_model, num_classes=4, **extra)
+
+
 def _segmenter(images: Tensor, masks: Tensor, data: _Data, preset: DSLPreset, seed: int,
                clients: Sequence[tuple[Tensor, Tensor]] | None = None) -> tuple[nn.Module, float]:
     """Train the downstream segmenter centrally on ``(images, masks)`` (or by FedAvg over ``clients``);
     return it and its Dice on the real held-out H&E images."""
     from privfl.fl import ClientConfig, run_federated
-    from privfl.models import build_model
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = build_model(preset.seg_model, num_classes=4)
+        model = _seg_model(preset)
     parts = clients if clients is not None else [(images, masks)]
     local_epochs = preset.fedavg_local_epochs if clients is not None else 1
     result = run_federated(model, [TensorDataset(x.float(), m.long()) for x, m in parts],
@@ -195,6 +205,18 @@ def _segmenter(images: Tensor, masks: Tensor, data: _Data, preset: DSLPreset, se
                                                lr=preset.seg_lr), val_fraction=0,
                            seed=seed, progress=False)
     return result.model.cpu().eval(), float(result.history[-1]["test"]["dice"] or 0.0)
+
+
+def _downstream(images: Tensor, masks: Tensor, data: _Data, preset: DSLPreset,
+                clients: Sequence[tuple[Tensor, Tensor]] | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """:func:`_segmenter` with each of ``preset.seg_seeds`` seeds — the same seeds for every method,
+    so methods are compared on equal terms; the first seed's model is the one attacked."""
+    models, dice = [], []
+    for k in range(preset.seg_seeds):
+        model, d = _segmenter(images, masks, data, preset, derive_seed(preset.seed, "seg", k), clients)
+        models.append(model)
+        dice.append(d)
+    return models[0], {"dice": float(np.mean(dice)), "dice_std": float(np.std(dice)), "dice_per_seed": dice}
 
 
 def _membership(model: nn.Module, data: _Data, synthetic: Tensor | None) -> dict[str, Any]:
@@ -247,7 +269,6 @@ def _lira(preset: DSLPreset, data: _Data, target: nn.Module, perceptual: nn.Modu
           ) -> dict[str, Any]:
     """LiRA: shadows re-run DSL + the downstream segmenter on random halves of the population."""
     from privfl.attacks.membership import LiRA
-    from privfl.models import build_model
 
     pop_x = torch.cat([*(data.he(s.images) for s in data.train), data.he(data.test_images)])
     pop_m = torch.cat([*(s.masks for s in data.train), data.test_masks])
@@ -264,7 +285,7 @@ def _lira(preset: DSLPreset, data: _Data, target: nn.Module, perceptual: nn.Modu
         seg, _ = _segmenter(syn, pop_m[idx], data, preset, seed)
         return seg
 
-    lira = LiRA(lambda: build_model(preset.seg_model, num_classes=4), train_fn, preset.lira_shadows,
+    lira = LiRA(lambda: _seg_model(preset), train_fn, preset.lira_shadows,
                 seed=preset.seed, progress=progress)
     population = TensorDataset(pop_x, pop_m)
     lira.fit_shadows(population)
@@ -314,8 +335,8 @@ def run_dsl_experiment(preset: DSLPreset, *, methods: Sequence[str] | None = Non
     def downstream(name: str, result: DSLResult, stats: Mapping[str, Sequence[FeatureStats | None]], t_start: float,
                    extra: dict[str, Any] | None = None) -> None:
         synthetic = synthesize(result.generator, all_masks, seed=preset.seed)
-        seg, dice = _segmenter(synthetic[:, :3], all_masks, data, preset, derive_seed(preset.seed, "seg", name))
-        rows.append({"method": name, "dice": dice, "fidelity": _fidelity(synthetic, stats, extractor,
+        seg, dice = _downstream(synthetic[:, :3], all_masks, data, preset)
+        rows.append({"method": name, **dice, "fidelity": _fidelity(synthetic, stats, extractor,
                                                                           result.modalities),
                      "mia": _membership(seg, data, synthetic[:, :3]), "available": [list(a) for a in result.available],
                      "traffic_bytes": result.traffic, "history": result.history, **(extra or {}),
@@ -327,16 +348,15 @@ def run_dsl_experiment(preset: DSLPreset, *, methods: Sequence[str] | None = Non
     if "Real (centralized)" in chosen:
         say("Real (centralized)")
         t = time.perf_counter()
-        seg, dice = _segmenter(torch.cat([data.he(s.images) for s in data.train]), all_masks, data, preset,
-                               derive_seed(preset.seed, "seg", "real"))
-        rows.append({"method": "Real (centralized)", "dice": dice, "mia": _membership(seg, data, None),
+        seg, dice = _downstream(torch.cat([data.he(s.images) for s in data.train]), all_masks, data, preset)
+        rows.append({"method": "Real (centralized)", **dice, "mia": _membership(seg, data, None),
                      "seconds": time.perf_counter() - t})
     if "FedAvg" in chosen:
         say("FedAvg")
         t = time.perf_counter()
-        seg, dice = _segmenter(all_masks, all_masks, data, preset, derive_seed(preset.seed, "seg", "fedavg"),
-                               clients=[(data.he(s.images), s.masks) for s in data.train])
-        rows.append({"method": "FedAvg", "dice": dice, "mia": _membership(seg, data, None),
+        seg, dice = _downstream(all_masks, all_masks, data, preset,
+                                clients=[(data.he(s.images), s.masks) for s in data.train])
+        rows.append({"method": "FedAvg", **dice, "mia": _membership(seg, data, None),
                      "seconds": time.perf_counter() - t})
     he_config = _config(preset, ("he",))
     if "FedAvg-GAN" in chosen:
