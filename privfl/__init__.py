@@ -20,12 +20,18 @@ privfl.fl
     FedAvg: ``run_federated``, ``Server``, ``Client``, ``ClientConfig``.
 privfl.attacks
     ``InvertingGradients`` (gradient inversion), ``LossThreshold`` and ``LiRA`` (membership
-    inference), their metrics and the empirical ε lower bound.
+    inference), ``GradientSignAttack`` / ``bisect_site`` (real images from the gradients a
+    Distributed Synthetic Learning site returns), their metrics and the empirical ε lower bound.
+privfl.sharing
+    Data sharing instead of model sharing: the federated DP-CVAE and DP-CGAN on embeddings;
+    Distributed Synthetic Learning (``privfl.sharing.dsl``: DSL, MM-DSL, Hetero-MM-DSL, CL-DSL,
+    FedAvg-GAN, FID and Dist-FID).
 privfl.audit
     ``audit_mechanism`` / ``audit_defense``: an empirical DP audit against the accountant's ε.
 privfl.data, privfl.models, privfl.metrics
-    ``SyntheticHistology`` (no download), ``partition``; ``build_model`` (``unet``,
-    ``unet-tiny``, ``dhunet``, ``dhunet-tiny``); Dice, Jaccard, pixel accuracy.
+    ``SyntheticHistology`` and ``MultiStainHistology`` (no download), ``partition``;
+    ``build_model`` (``unet``, ``unet-tiny``, ``dhunet``, ``dhunet-tiny``); Dice, Jaccard, pixel
+    accuracy.
 privfl.integrations.flower
     ``PrivflClient`` / ``PrivflStrategy``: the same defenses and accountant inside Flower.
 privfl.bench

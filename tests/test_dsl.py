@@ -344,3 +344,16 @@ def test_malformed_dsl_messages_are_refused_and_nothing_is_updated(pairs) -> Non
     assert all(torch.equal(a, b) for a, b in zip(weights, gen.parameters()))
     server.step([out], [reply])
     assert not all(torch.equal(a, b) for a, b in zip(weights, gen.parameters()))
+
+
+def test_training_is_deterministic_whatever_ran_before(pairs) -> None:
+    config = DSLConfig(epochs=1, **TINY)
+    first = train_dsl(_sites(pairs), config).generator.state_dict()
+    torch.rand(100)  # the caller's RNG state must not matter ...
+    again = train_dsl(_sites(pairs), config).generator.state_dict()
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    state = torch.random.get_rng_state()
+    train_cl_dsl(_sites(pairs), config)
+    assert torch.equal(state, torch.random.get_rng_state())  # ... and is left as it was
+    other = train_dsl(_sites(pairs), DSLConfig(epochs=1, seed=1, **TINY)).generator.state_dict()
+    assert not all(torch.equal(first[k], other[k]) for k in first)

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from privfl.sharing.dsl.protocol import DSLServer
-from privfl.sharing.dsl.train import DSLConfig, DSLResult, SiteData, _Run
+from privfl.sharing.dsl.train import DSLConfig, DSLResult, SiteData, _Run, seeded_rng
 from privfl.sharing.progress import progress_bar
 
 __all__ = ["average_states", "train_fedavg_gan"]
@@ -54,10 +54,17 @@ def train_fedavg_gan(sites: Sequence[SiteData], config: DSLConfig, *, rounds: in
     """Train FedAvg-GAN (module docstring): ``rounds`` rounds of ``local_epochs`` local epochs per site.
 
     Returns a :class:`~privfl.sharing.dsl.train.DSLResult` with variant ``"FedAvg-GAN"``; its
-    ``traffic`` counts ``models_to_server`` and ``models_to_sites`` bytes (float32 weights).
+    ``traffic`` counts ``models_to_server`` and ``models_to_sites`` bytes (float32 weights). Seeded
+    as :func:`~privfl.sharing.dsl.train.train_dsl`.
     """
     if rounds < 1 or local_epochs < 1:
         raise ValueError(f"rounds and local_epochs must be >= 1, got {rounds} and {local_epochs}")
+    with seeded_rng(config.seed, "train_fedavg_gan"):
+        return _train_fedavg_gan(sites, config, rounds, local_epochs, perceptual, progress)
+
+
+def _train_fedavg_gan(sites: Sequence[SiteData], config: DSLConfig, rounds: int, local_epochs: int,
+                      perceptual: nn.Module | None, progress: bool) -> DSLResult:
     t0 = time.perf_counter()
     run = _Run(sites, config, perceptual, None, None)
     device = run.fabric.device

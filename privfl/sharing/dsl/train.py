@@ -28,7 +28,8 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -153,6 +154,16 @@ class DSLResult:
     seconds: float = 0.0
 
 
+@contextmanager
+def seeded_rng(seed: int, *key: object) -> Iterator[None]:
+    """Run a block under the global torch RNG seeded with ``derive_seed(seed, *key)`` (dropout, batch
+    draws), restoring the caller's RNG state afterwards: a run does not depend on what ran before it."""
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(derive_seed(seed, *(str(k) for k in key)))
+        yield
+
+
 def _variant(available: Sequence[tuple[bool, ...]]) -> str:
     if len(available[0]) == 1:
         return "DSL"
@@ -244,7 +255,17 @@ def train_dsl(sites: Sequence[SiteData], config: DSLConfig, *, perceptual: nn.Mo
             :class:`~privfl.sharing.dsl.defense.ClipAndNoise`).
         observer: called with ``(request, synthetic, reply)`` of every exchange, as the server sees them.
         progress: rich progress bar.
+
+    Deterministic for a given ``config.seed`` on CPU (the global RNG is seeded for the run and
+    restored afterwards), except for the noise of a secure ``defense``.
     """
+    with seeded_rng(config.seed, "train_dsl"):
+        return _train_dsl(sites, config, perceptual, defense, observer, progress)
+
+
+def _train_dsl(sites: Sequence[SiteData], config: DSLConfig, perceptual: nn.Module | None,
+               defense: Callable[[Tensor, tuple], Tensor] | None, observer: Observer | None,
+               progress: bool) -> DSLResult:
     t0 = time.perf_counter()
     run = _Run(sites, config, perceptual, defense, observer)
     weights = modality_weights([s.size for s in run.sites], run.available)
@@ -269,8 +290,15 @@ def train_cl_dsl(sites: Sequence[SiteData], config: DSLConfig, *, perceptual: nn
     """Train CL-DSL: sites in the given order, ``config.epochs`` epochs each (module docstring).
 
     Arguments as for :func:`train_dsl`. The server keeps every mask it received (it needs earlier
-    sites' masks for the reminding loss after those sites have left).
+    sites' masks for the reminding loss after those sites have left). Seeded as :func:`train_dsl`.
     """
+    with seeded_rng(config.seed, "train_cl_dsl"):
+        return _train_cl_dsl(sites, config, perceptual, defense, observer, progress)
+
+
+def _train_cl_dsl(sites: Sequence[SiteData], config: DSLConfig, perceptual: nn.Module | None,
+                  defense: Callable[[Tensor, tuple], Tensor] | None, observer: Observer | None,
+                  progress: bool) -> DSLResult:
     t0 = time.perf_counter()
     run = _Run(sites, config, perceptual, defense, observer)
     device = run.fabric.device
