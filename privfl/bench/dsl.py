@@ -30,7 +30,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from privfl.sharing.dsl.experiment import METHODS, PRESETS
 
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu-quick",
-                   help="sizes (default cpu-quick: 3 sites, 32 px, about 10 minutes on 2 cores; gpu: 128 px, "
+                   help="sizes (default cpu-quick: 3 sites, 32 px, about 11 minutes on 2 cores; gpu: 128 px, "
                         "the paper's networks)")
     p.add_argument("--methods", nargs="+", default=None, metavar="METHOD",
                    help=f"subset of {', '.join(repr(m) for m in METHODS)} (default all)")
