@@ -20,7 +20,12 @@ demo: $(STAMP)
 	$(BIN)/python -m privfl.bench demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not deployment"
+	$(BIN)/python -m pytest -q -m "not deployment and not slow"
+
+# The tests marked slow (attack acceptance runs, Flower simulations; about 7 minutes); CI runs them too
+.PHONY: test-slow
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -m "slow and not deployment"
 
 # SuperLink + SuperNodes on 127.0.0.1 running the Flower example (about 4 minutes); CI runs it too
 .PHONY: test-deployment
