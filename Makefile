@@ -22,7 +22,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not deployment and not slow"
 
-# The tests marked slow (attack acceptance runs, Flower simulations; about 7 minutes); CI runs them too
+# The tests marked slow (attack acceptance runs, Flower simulations; about 6 minutes); CI runs them too
 .PHONY: test-slow
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m "slow and not deployment"
