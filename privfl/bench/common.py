@@ -69,3 +69,24 @@ def finish(args: Any, console: Any, out: Path, record: dict[str, Any]) -> int:
     if getattr(args, "json", False):
         print_json(record)
     return 0
+
+
+def add_timm_arguments(p: Any, purpose: str) -> None:
+    """``--timm-model`` / ``--checkpoint``: a timm feature extractor from local weights (``purpose``: what it is for)."""
+    from pathlib import Path as _Path
+
+    p.add_argument("--timm-model", default=None, help=f"{purpose} from this timm model instead of privfl's encoder")
+    p.add_argument("--checkpoint", type=_Path, default=None, help="local weights of --timm-model (nothing is downloaded)")
+
+
+def timm_extractor(args: Any, console: Any) -> tuple[bool, Any]:
+    """``(ok, extractor)`` from ``--timm-model`` / ``--checkpoint``: ``(True, None)`` without them,
+    ``(False, None)`` after saying why when only one is given (weights come only from a local file)."""
+    if (args.timm_model is None) != (args.checkpoint is None):
+        console.print("[red]--timm-model and --checkpoint go together (weights come only from a local file)")
+        return False, None
+    if args.timm_model is None:
+        return True, None
+    from privfl.sharing.embeddings import timm_encoder
+
+    return True, timm_encoder(args.timm_model, args.checkpoint)

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from rich.table import Table
 
-from privfl.bench.common import console_for, default_out, finish, machine
+from privfl.bench.common import add_timm_arguments, console_for, default_out, finish, machine, timm_extractor
 
 COLUMNS = ("method", "accuracy", "accuracy_std", "balanced_accuracy", "balanced_accuracy_std", "lambda", "epsilon",
            "delta", "fidelity_sliced_w1", "params_total", "mia_attack", "mia_auc", "mia_tpr_at_1%_fpr",
@@ -32,8 +32,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="sizes and hyper-parameters (default cpu-quick: 5 clients, 64 px, the paper's DP-SGD settings)")
     p.add_argument("--methods", nargs="+", default=None,
                    help="subset of Local FedAvg FedProx FedLambda DP-CVAE DP-CGAN (default all)")
-    p.add_argument("--timm-model", default=None, help="embed with this timm model instead of privfl's DHU-Net encoder")
-    p.add_argument("--checkpoint", type=Path, default=None, help="local weights of --timm-model (nothing is downloaded)")
+    add_timm_arguments(p, "embeddings")
     p.add_argument("--seeded-noise", action="store_true",
                    help="reproducible DP noise (NOT secure; for experiments) instead of the OS-keyed ChaCha20 source")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -121,7 +120,6 @@ def _report(record: dict[str, Any], out: Path) -> Path:
 
 def run(args: argparse.Namespace) -> int:
     from privfl.defenses.rng import SeededNoise
-    from privfl.sharing.embeddings import timm_encoder
     from privfl.sharing.experiment import PRESETS, run_dpcvae_experiment
 
     console = console_for(args)
@@ -129,11 +127,10 @@ def run(args: argparse.Namespace) -> int:
     warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
     if args.threads:
         torch.set_num_threads(args.threads)
-    if (args.timm_model is None) != (args.checkpoint is None):
-        console.print("[red]--timm-model and --checkpoint go together (weights come only from a local file)")
+    ok, extractor = timm_extractor(args, console)
+    if not ok:
         return 2
     preset = PRESETS[args.preset]
-    extractor = timm_encoder(args.timm_model, args.checkpoint) if args.timm_model else None
     out = args.out or default_out("dpcvae")
     out.mkdir(parents=True, exist_ok=True)
     result = run_dpcvae_experiment(preset, extractor=extractor, noise=SeededNoise(preset.seed) if args.seeded_noise

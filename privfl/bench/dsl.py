@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from rich.table import Table
 
-from privfl.bench.common import console_for, default_out, finish, machine
+from privfl.bench.common import add_timm_arguments, console_for, default_out, finish, machine, timm_extractor
 
 COLUMNS = ("method", "noise_multiplier", "dice", "dice_std", "dist_fid_he", "fid_he", "dist_fid_ihc", "fid_ihc", "mia_loss_auc", "mia_dcr_auc",
            "bytes_from_sites", "seconds")
@@ -37,8 +37,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seg-model", default=None,
                    help="downstream segmenter (privfl.models name; default the preset's: unet-tiny for cpu-quick, "
                         "dhunet-tiny for gpu)")
-    p.add_argument("--timm-model", default=None, help="FID features from this timm model instead of privfl's encoder")
-    p.add_argument("--checkpoint", type=Path, default=None, help="local weights of --timm-model (nothing is downloaded)")
+    add_timm_arguments(p, "FID features")
     p.add_argument("--seeded-noise", action="store_true",
                    help="reproducible defense noise (NOT secure; for experiments) instead of the OS-keyed ChaCha20 source")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -197,13 +196,12 @@ def _report(record: dict[str, Any], out: Path) -> Path:
 def run(args: argparse.Namespace) -> int:
     from privfl.defenses.rng import SeededNoise
     from privfl.sharing.dsl.experiment import PRESETS, run_dsl_experiment
-    from privfl.sharing.embeddings import timm_encoder
 
     console = console_for(args)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if (args.timm_model is None) != (args.checkpoint is None):
-        console.print("[red]--timm-model and --checkpoint go together (weights come only from a local file)")
+    ok, extractor = timm_extractor(args, console)
+    if not ok:
         return 2
     preset = PRESETS[args.preset]
     if args.seg_model:
@@ -215,7 +213,6 @@ def run(args: argparse.Namespace) -> int:
             console.print(f"[red]unknown --seg-model {args.seg_model!r}; choose from {', '.join(list_models())}")
             return 2
         preset = replace(preset, seg_model=args.seg_model)
-    extractor = timm_encoder(args.timm_model, args.checkpoint) if args.timm_model else None
     out = args.out or default_out("dsl")
     out.mkdir(parents=True, exist_ok=True)
     result = run_dsl_experiment(preset, methods=args.methods, extractor=extractor,
