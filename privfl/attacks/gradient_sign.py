@@ -65,7 +65,6 @@ def sign_vote_estimate(probes: Tensor, signs: Tensor, low: float = 0.0, high: fl
                          f"{tuple(signs.shape)}")
     if not low < high:
         raise ValueError(f"need low < high, got {low}, {high}")
-    k = probes.shape[0]
     p = probes.detach().float().clamp(low, high).flatten(1)
     s = signs.detach().float().flatten(1).sign()
     order = torch.argsort(p, dim=0)
@@ -85,7 +84,6 @@ def sign_vote_estimate(probes: Tensor, signs: Tensor, low: float = 0.0, high: fl
         if prior.shape != probes.shape[1:]:
             raise ValueError(f"prior must have shape {tuple(probes.shape[1:])}, got {tuple(prior.shape)}")
         est = torch.minimum(torch.maximum(prior.detach().float().flatten(), lo), hi)
-    assert est.shape[0] == p.shape[1] and best.shape[0] == k + 1
     return est.view(probes.shape[1:]).to(probes.dtype)
 
 

@@ -90,3 +90,10 @@ def timm_extractor(args: Any, console: Any) -> tuple[bool, Any]:
     from privfl.sharing.embeddings import timm_encoder
 
     return True, timm_encoder(args.timm_model, args.checkpoint)
+
+
+def fmt_cell(value: Any, spec: str = ".3f") -> str:
+    """A table cell: ``"—"`` for a missing or NaN value, numbers with ``spec``, anything else as ``str``."""
+    if value is None or (isinstance(value, float) and value != value):
+        return "—"
+    return format(value, spec) if isinstance(value, (float, int)) and not isinstance(value, bool) else str(value)

@@ -18,7 +18,15 @@ from typing import Any
 import torch
 from rich.table import Table
 
-from privfl.bench.common import add_timm_arguments, console_for, default_out, finish, machine, timm_extractor
+from privfl.bench.common import (
+    add_timm_arguments,
+    console_for,
+    default_out,
+    finish,
+    machine,
+    timm_extractor,
+)
+from privfl.bench.common import fmt_cell as _fmt
 
 COLUMNS = ("method", "accuracy", "accuracy_std", "balanced_accuracy", "balanced_accuracy_std", "lambda", "epsilon",
            "delta", "fidelity_sliced_w1", "params_total", "mia_attack", "mia_auc", "mia_tpr_at_1%_fpr",
@@ -49,10 +57,6 @@ def _flat(row: dict[str, Any]) -> dict[str, Any]:
             "mia_attack": mia.get("attack"), "mia_auc": mia.get("auc"), "mia_tpr_at_1%_fpr": mia.get("tpr_at_1%_fpr"),
             "mia_loss_synthetic_classifier_auc": (row.get("mia_loss") or {}).get("auc"),
             "seconds": row.get("seconds")}
-
-
-def _fmt(value: Any, spec: str = ".3f") -> str:
-    return "—" if value is None else format(value, spec) if isinstance(value, float) else str(value)
 
 
 def _plot(rows: list[dict[str, Any]], path: Path) -> Path:

@@ -13,14 +13,21 @@ from __future__ import annotations
 
 import argparse
 import csv
-import math
 from pathlib import Path
 from typing import Any
 
 import torch
 from rich.table import Table
 
-from privfl.bench.common import add_timm_arguments, console_for, default_out, finish, machine, timm_extractor
+from privfl.bench.common import (
+    add_timm_arguments,
+    console_for,
+    default_out,
+    finish,
+    machine,
+    timm_extractor,
+)
+from privfl.bench.common import fmt_cell as _fmt
 
 COLUMNS = ("method", "noise_multiplier", "dice", "dice_std", "dist_fid_he", "fid_he", "dist_fid_ihc", "fid_ihc", "mia_loss_auc", "mia_dcr_auc",
            "bytes_from_sites", "seconds")
@@ -63,12 +70,6 @@ def _flat(row: dict[str, Any]) -> dict[str, Any]:
             "dist_fid_ihc": _get(row, "fidelity", "ihc", "dist_fid"), "fid_ihc": _get(row, "fidelity", "ihc", "fid"),
             "mia_loss_auc": _get(row, "mia", "loss", "auc"), "mia_dcr_auc": _get(row, "mia", "dcr", "auc"),
             "bytes_from_sites": sent or None, "seconds": row["seconds"]}
-
-
-def _fmt(value: Any, spec: str = ".3f") -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "—"
-    return format(value, spec) if isinstance(value, (float, int)) and not isinstance(value, bool) else str(value)
 
 
 ATTACK_COLUMNS = ("attack", "noise_multiplier", "clip", "psnr_db", "images", "server_synthetic_psnr_db")

@@ -17,7 +17,8 @@ unless a seeded one is passed (reproducible experiments only).
 
 from __future__ import annotations
 
-import torch
+import math
+
 from torch import Tensor
 
 from privfl.defenses.rng import NoiseSource, default_noise
@@ -35,9 +36,9 @@ class ClipAndNoise:
     """
 
     def __init__(self, clip: float, noise_multiplier: float, noise: NoiseSource | None = None) -> None:
-        if not clip > 0 or not torch.isfinite(torch.tensor(clip)):
+        if not 0 < clip < math.inf:
             raise ValueError(f"clip must be a positive finite number, got {clip}")
-        if not noise_multiplier >= 0 or not torch.isfinite(torch.tensor(noise_multiplier)):
+        if not 0 <= noise_multiplier < math.inf:
             raise ValueError(f"noise_multiplier must be a non-negative finite number, got {noise_multiplier}")
         self.clip, self.noise_multiplier = float(clip), float(noise_multiplier)
         self.noise = noise or default_noise()

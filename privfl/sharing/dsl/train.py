@@ -228,10 +228,9 @@ class _Run:
     def log_epoch(self, epoch: int, stage: int | None, sites: Sequence[DSLSite], marks: list[int]) -> list[int]:
         """Append the epoch's mean site losses since ``marks`` (per-site list lengths); return new marks."""
         rec: dict[str, Any] = {"epoch": epoch, "stage": stage}
-        for key in ("g_loss", "l1", "d_loss"):
-            attr = {"g_loss": "generator", "l1": "l1", "d_loss": "discriminator"}[key]
-            rec[key] = [float(np.mean(getattr(s.losses, attr)[mk:]) if len(getattr(s.losses, attr)) > mk
-                              else float("nan")) for s, mk in zip(sites, marks)]
+        for key, attr in (("g_loss", "generator"), ("l1", "l1"), ("d_loss", "discriminator")):
+            rec[key] = [float(np.mean(values[mk:])) if len(values := getattr(s.losses, attr)) > mk else float("nan")
+                        for s, mk in zip(sites, marks)]
         self.history.append(rec)
         return [len(s.losses.generator) for s in sites]
 
