@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from privfl.defenses.dpsgd import sample_level_epsilon
+from privfl.defenses.accounting import PrivacyAccountant
 from privfl.defenses.rng import SeededNoise
 from privfl.sharing.experiment import PRESETS, run_dpcvae_experiment
 
@@ -43,12 +43,16 @@ def test_reported_epsilon_is_the_accountants(record):
         if r["method"] not in ("DP-CVAE", "DP-CGAN"):
             assert r.get("epsilon") is None  # no DP, no ε
             continue
-        recomputed = [sample_level_epsilon([tuple(e) for e in h], preset.delta, r["accountant"])
-                      for h in r["histories"]]
+        accountants = []
+        for state in r["accountant_states"]:
+            acct = PrivacyAccountant(delta=preset.delta, accountants=r["accountants"])
+            acct.load_state_dict(state)
+            accountants.append(acct)
+        recomputed = [a.epsilon().epsilon for a in accountants]
         assert r["per_client_epsilon"] == pytest.approx(recomputed, rel=1e-12)
         assert r["epsilon"] == max(recomputed) <= preset.epsilon * (1 + 1e-6)
-        steps = sum(int(e[2]) for e in r["histories"][0])
-        assert steps > 0
+        assert r["delta"] == max(a.epsilon().delta for a in accountants) >= preset.delta
+        assert accountants[0].steps > 0
 
 
 def test_cli_writes_json_csv_plot_and_report(tmp_path, capsys):

@@ -55,7 +55,7 @@ def test_accounting_json_reports_skipped_accountants(capsys):
 def test_calibration_mode(capsys):
     argv = ["epsilon", "--target-epsilon", "3", "--sample-rate", "0.01", "--steps", "1000", "--accountants", "rdp"]
     assert main(argv) == 0
-    z = calibrate(3.0, 1e-5, 1000, 0.01)
+    z = calibrate(3.0, 1e-5, 1000, 0.01, accountant="rdp")
     assert f"{z:.6g}" in capsys.readouterr().out
     data = run_json(capsys, argv)
     assert data["mode"] == "calibrate" and data["calibrated_with"] == "rdp"
@@ -109,3 +109,14 @@ def test_bad_combinations_are_argparse_errors(capsys, argv, message):
     captured = capsys.readouterr()
     assert message in captured.err
     assert captured.out == ""
+
+
+def test_calibration_defaults_to_the_tightest_reported_accountant(capsys):
+    """Issue 18.5: target ε = 1 (q = 0.01, 1000 steps) came out at z = 1.513 with reported ε = 0.906."""
+    data = run_json(capsys, ["epsilon", "--target-epsilon", "1", "--sample-rate", "0.01", "--steps", "1000"])
+    assert data["calibrated_with"] == "tightest"
+    assert 0.99 <= data["epsilon"] <= 1.0
+    assert data["noise_multiplier"] < 1.45
+    rdp = run_json(capsys, ["epsilon", "--target-epsilon", "1", "--sample-rate", "0.01", "--steps", "1000",
+                            "--accountant", "rdp"])
+    assert rdp["calibrated_with"] == "rdp" and rdp["noise_multiplier"] > 1.5 and rdp["epsilon"] < 0.95

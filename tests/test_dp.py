@@ -173,18 +173,47 @@ def test_seeded_source_warns_that_it_is_not_secure():
 # FedDP and accounting
 
 
-def test_feddp_is_eq11_and_its_claim_is_not_what_is_proven():
-    mech = FedDPNoise(sigma=0.5, clip=0.05)
-    assert mech.noise_multiplier == pytest.approx(10.0)
+def test_feddp_is_eq11_as_written_sigma_is_the_noise_multiplier():
+    """Issue 18.1: N(0, σ²C²I) has std σ·C, so z = σ. The paper's setting costs ε ≈ 403.5 over 150
+    rounds (≈ 10.0 for one), not Eq. 14's C/σ = 0.1, and not the 5.54 privfl reported when it read σ
+    as an absolute std (20× the noise)."""
+    mech = FedDPNoise(sigma=0.5, clip=0.05, noise=SeededNoise(0))
+    assert mech.noise_multiplier == 0.5 and mech.placement == "local"
     assert mech.paper_epsilon == pytest.approx(0.1)
     x = noise_of(mech.protect(zeros(200_000), ctx_for(5).for_client(0)))
-    assert_std(x, 0.5)  # absolute sigma, Eq. 11
+    assert_std(x, 0.5 * 0.05)  # σ·C on each client's upload
     ctx = ctx_for(5)
+    one = PrivacyAccountant()
+    one.record(mech.event(ctx))
+    assert one.epsilon(1e-5).epsilon == pytest.approx(10.0, abs=0.05)
     for _ in range(150):
         mech.accountant.record(mech.event(ctx))
-    report = mech.epsilon(1e-5)
-    assert report.epsilon > 10 * mech.paper_epsilon  # C/sigma = 0.1 is far from any proof
+    assert mech.epsilon(1e-5).epsilon == pytest.approx(403.5, rel=5e-3)
     assert mech.accountant.steps == 150
+
+
+def test_feddp_central_is_one_noise_term_on_the_sum_divided_by_k():
+    k = 5
+    mech = FedDPNoise(sigma=0.5, clip=0.05, placement="central", noise=SeededNoise(1))
+    ctx = ctx_for(k)
+    payloads = [mech.protect(zeros(100_000), ctx.for_client(i)) for i in range(k)]
+    assert all(bool((noise_of(p) == 0).all()) for p in payloads)  # clients send clipped updates only
+    assert_std(noise_of(mech.aggregate(payloads, ctx)), 0.5 * 0.05 / k)  # (1/k)·N(0, σ²C²)
+    assert mech.effective_noise_multiplier(ctx) == 0.5  # sensitivity of the mean is C/k: z = σ
+    with pytest.raises(ValueError, match="placement"):
+        FedDPNoise(0.5, 0.05, placement="distributed")  # type: ignore[arg-type]
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.floats(0.05, 50.0), st.floats(1e-4, 10.0), st.integers(1, 8))
+def test_feddp_noise_std_is_sigma_times_clip_and_accounts_z_sigma(sigma, clip, k):
+    ctx = ctx_for(k)
+    local = FedDPNoise(sigma, clip, noise=SeededNoise(0))
+    assert local.noise_std(ctx.for_client(0)) == pytest.approx(sigma * clip)
+    assert local.event(ctx).noise_multiplier == pytest.approx(sigma)
+    central = FedDPNoise(sigma, clip, placement="central", noise=SeededNoise(0))
+    assert central.noise_std(ctx) == pytest.approx(sigma * clip / k)
+    assert central.event(ctx).noise_multiplier == pytest.approx(sigma)
 
 
 def test_accountant_records_one_event_per_aggregated_round_and_sampling_rate():
@@ -386,42 +415,6 @@ def test_bad_parameters_and_updates_raise_clear_errors():
 # DP-SGD inside run_federated
 
 
-def test_run_federated_with_dp_sgd_reports_sample_level_epsilon_and_resumes(tmp_path):
-    from privfl.defenses.dpsgd import DPSGD, sample_level_epsilon
-
-    def setup():
-        data = SyntheticHistology(16, size=32, seed=0, sites=2)
-        torch.manual_seed(0)
-        return build_model("unet-tiny", num_classes=4), partition(data, "iid", 2, seed=0)
-
-    dp = DPSGD(max_grad_norm=1.0, noise_multiplier=1.0, noise=SeededNoise(0))
-    cfg = ClientConfig(local_steps=2, batch_size=4)
-    model, clients = setup()
-    full = run_federated(model, clients, None, 2, config=cfg, dp_sgd=dp, progress=False, val_fraction=0.0)
-    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in full.model.modules())  # converted for opacus
-    sp = full.history[-1]["sample_privacy"]
-    q = 1 / math.ceil(8 / 4)  # opacus' Poisson rate: 1 / number of batches
-    assert sp["epsilon"] == pytest.approx(sample_level_epsilon([(1.0, q, 4)], 1e-5), rel=1e-6)
-    assert full.history[0]["sample_privacy"]["epsilon"] < sp["epsilon"]
-
-    class Crash(Exception):
-        pass
-
-    def crash(rec):
-        raise Crash
-
-    model, clients = setup()
-    with pytest.raises(Crash):
-        run_federated(model, clients, None, 2, config=cfg, dp_sgd=dp, progress=False, val_fraction=0.0,
-                      checkpoint_dir=tmp_path, on_round_end=crash)
-    model, clients = setup()
-    resumed = run_federated(model, clients, None, 2, config=cfg, dp_sgd=dp, progress=False, val_fraction=0.0,
-                            checkpoint_dir=tmp_path, resume=True)
-    assert resumed.history[-1]["sample_privacy"] == sp
-    for k in full.global_state:
-        assert torch.equal(full.global_state[k], resumed.global_state[k]), k
-
-
 # --------------------------------------------------------------------------------------------
 # the audit against privfl's own mechanisms
 
@@ -455,3 +448,48 @@ def test_audit_catches_a_mechanism_that_adds_less_noise_than_it_accounts():
     result = audit_defense(mech, {"w": torch.zeros(2)}, {"w": torch.tensor([1.0, 0.0])}, trials=3000, seed=0,
                            claimed_epsilon=claimed)
     assert result.violated and result.epsilon_lower_bound > claimed
+
+
+# --------------------------------------------------------------------------------------------
+# issue 18.6: the clip holds at every magnitude and dtype
+
+from privfl.defenses.dp import clip_vector, safe_norm  # noqa: E402
+
+FLOAT_DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
+
+
+@pytest.mark.parametrize("update, clip", [
+    ({"w": torch.full((2050,), 3e38)}, 1e-3),                      # float32 squares overflow
+    ({"w": torch.full((2050,), 1e300, dtype=torch.float64)}, 1e-6),  # float64 squares overflow
+    ({"w": torch.full((10,), 1e-300, dtype=torch.float64)}, 1e-310),  # float64 squares underflow
+])
+def test_clip_update_holds_its_bound_on_extreme_values(update, clip):
+    out = ClipUpdate(clip).protect(update, ctx_for(1).for_client(0))["w"]
+    norm = safe_norm(out)
+    assert 0 < norm <= clip  # never above C, and never collapsed to zeros
+    assert norm >= 0.99 * clip
+    assert torch.all(torch.sign(out) == torch.sign(update["w"]))  # direction kept
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.sampled_from(FLOAT_DTYPES), st.integers(1, 300), st.floats(-300, 300), st.floats(-300, 300),
+       st.integers(0, 2**31 - 1), st.sampled_from([1.0, 2.0]))
+def test_clip_vector_never_exceeds_its_bound(dtype, n, log_scale, log_clip, seed, p):
+    info = torch.finfo(dtype)
+    scale = min(10.0 ** log_scale, info.max / (n + 1))
+    clip = 10.0 ** log_clip
+    g = torch.Generator().manual_seed(seed)
+    vec = (torch.rand(n, generator=g, dtype=torch.float64) * 2 - 1).mul(scale).to(dtype)
+    out = clip_vector(vec, clip, p=p)
+    assert out.dtype == dtype and out.shape == vec.shape
+    assert safe_norm(out, p) <= clip
+    if safe_norm(vec, p) <= clip:
+        assert out is vec
+
+
+def test_safe_norm_matches_the_exact_norm_and_refuses_non_finite():
+    vec = torch.tensor([3.0, 4.0], dtype=torch.float64)
+    for scale in (1e-300, 1.0, 1e300):
+        assert safe_norm(vec * scale) == pytest.approx(5 * scale, rel=1e-12)
+    with pytest.raises(ValueError, match="NaN or inf"):
+        clip_vector(torch.tensor([math.inf, 1.0]), 1.0)

@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 import privfl.sharing.dpcvae as dpcvae_mod
-from privfl.defenses.dpsgd import DPSGD, sample_level_epsilon
+from privfl.defenses.accounting import PrivacyAccountant
+from privfl.defenses.dpsgd import DPSGD, dpsgd_event
 from privfl.defenses.rng import SeededNoise
 from privfl.sharing.cvae import CVAE
 from privfl.sharing.dp_training import train_dp
@@ -141,11 +142,14 @@ def test_train_dp_calibrates_for_the_whole_planned_run():
     assert first.sample_rate == pytest.approx(1 / 5) and first.steps == 10
     assert first.noise_multiplier == dp.resolve_noise_multiplier(1 / 5, 20)
     assert first.epsilon < 0.9
+    assert first.event == dpsgd_event(first.noise_multiplier, 1 / 5, 10)
     second = train_dp(m, x, y, _loss, epochs=2, lr=1e-3, batch_size=16, dp=dp, total_epochs=4, seed=1,
-                      history=first.history)
-    assert second.history == [(first.noise_multiplier, 1 / 5, 20)]
-    assert second.epsilon == sample_level_epsilon(second.history, 1e-4, "rdp")
-    assert 0.9 <= second.epsilon <= 1.0
+                      accountant_state=first.accountant_state)
+    acct = dp.make_accountant(second.accountant_state)
+    assert acct.events == (dpsgd_event(first.noise_multiplier, 1 / 5, 20),)  # one run of 20 equal steps
+    assert second.epsilon == acct.epsilon().epsilon == second.epsilon_report.epsilon
+    assert second.delta == acct.epsilon().delta >= 1e-4
+    assert 0.99 <= second.epsilon <= 1.0  # calibrated to the reported (tightest) bound
 
 
 def test_train_dp_refuses_batch_coupled_output_shapes_and_foreign_params():
@@ -216,18 +220,23 @@ def test_reported_epsilon_is_the_accountants_and_meets_the_target(run):
     result, _ = run
     cfg = _config()
     assert len(result.epsilons) == len(SIZES)
-    for eps, history, n in zip(result.epsilons, result.histories, SIZES):
-        assert eps == sample_level_epsilon(history, cfg.delta, cfg.dp_accountant)
+    assert len(result.accountant_states) == len(result.epsilon_reports) == len(SIZES)
+    for eps, state, report, n in zip(result.epsilons, result.accountant_states, result.epsilon_reports, SIZES):
+        acct = PrivacyAccountant(delta=cfg.delta, accountants=cfg.dp_accountants)
+        acct.load_state_dict(state)
+        assert eps == acct.epsilon().epsilon == report.epsilon
         steps = cfg.rounds * cfg.local_epochs * math.ceil(n / cfg.batch_size)
-        assert len(history) == 1 and history[0][1] == 1 / math.ceil(n / cfg.batch_size) and history[0][2] == steps
-        assert 0.9 * cfg.epsilon <= eps <= cfg.epsilon  # completed run: calibrated close to the target
+        (event,) = acct.events
+        assert event.count == steps and event.event.sampling_probability == 1 / math.ceil(n / cfg.batch_size)
+        assert 0.99 * cfg.epsilon <= eps <= cfg.epsilon  # completed run: calibrated to the target
+    assert result.delta == max(r.delta for r in result.epsilon_reports) >= cfg.delta
 
 
 def test_federated_run_is_deterministic_with_seeded_noise(run):
     result, _ = run
     again = train_federated_dpcvae(_clients(), CLASSES, _config())
     assert all(torch.equal(result.global_decoder[k], again.global_decoder[k]) for k in result.global_decoder)
-    assert again.histories == result.histories and again.epsilons == result.epsilons
+    assert again.accountant_states == result.accountant_states and again.epsilons == result.epsilons
     other = train_federated_dpcvae(_clients(), CLASSES, _config(noise=SeededNoise(1)))
     assert not all(torch.equal(result.global_decoder[k], other.global_decoder[k]) for k in result.global_decoder)
 
@@ -267,9 +276,9 @@ def test_dpcgan_runs_end_to_end_with_accountant_epsilons_and_more_parameters(run
     assert len(result.sent) == cfg.rounds * len(SIZES)
     assert all(k.startswith("generator.") for keys in result.sent for k in keys)
     assert sorted(result.global_generator) == sorted(CGAN(DIM, CLASSES, noise_dim=4, hidden=32).generator_state())
-    for eps, history in zip(result.epsilons, result.histories):
-        assert eps == sample_level_epsilon(history, cfg.delta, cfg.dp_accountant)
-        assert 0.9 * cfg.epsilon <= eps <= cfg.epsilon
+    for eps, state in zip(result.epsilons, result.accountant_states):
+        assert eps == cfg.dpsgd().make_accountant(state).epsilon().epsilon
+        assert 0.99 * cfg.epsilon <= eps <= cfg.epsilon
     assert result.param_count["total"] > cvae_result.param_count["total"]  # same hidden and latent
     x, y = sample_gan(result.model, 50, [0.5, 0.5, 0.0], seed=0)
     assert x.shape == (50, DIM) and torch.isfinite(x).all() and not (y == 2).any()

@@ -1,21 +1,32 @@
-"""Sample-level DP-SGD: per-sample losses, opacus per-sample gradients, fit_dp_sgd, calibration."""
+"""Sample-level DP-SGD: per-sample losses, opacus per-sample gradients, fit_dp_sgd, Poisson sampling from
+the noise source, accounting in PrivacyAccountant, calibration."""
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import math
 
+import dp_accounting
 import pytest
 import torch
 import torch.nn.functional as F
 from opacus import GradSampleModule
-from opacus.accountants import RDPAccountant
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from privfl.defenses.dpsgd import DPSGD, DPSGDResult, fit_dp_sgd, sample_level_epsilon
-from privfl.defenses.rng import SeededNoise
+from privfl.defenses.accounting import ACCOUNTANTS, PrivacyAccountant, calibrate
+from privfl.defenses.dpsgd import (
+    DPSGD,
+    DPSGDResult,
+    PoissonBatchSampler,
+    dpsgd_event,
+    fit_dp_sgd,
+    poisson_loader,
+    round_delta_floor,
+)
+from privfl.defenses.rng import SecureNoise, SeededNoise
 from privfl.fl.client import Client, ClientConfig, trainable_state
 from privfl.fl.device import make_fabric
 from privfl.models import build_model
@@ -178,7 +189,8 @@ def test_fit_dp_sgd_returns_a_delta_keyed_like_the_compatible_model(name):
     model = private(name)
     before = trainable_state(model)
     loss = DHUNetLoss() if name == "dhunet-tiny" else CEDiceLoss()
-    res = fit(model, data(4), DPSGD(noise_multiplier=1.0, max_grad_norm=1.0), loss_fn=loss)
+    dp = DPSGD(noise_multiplier=1.0, max_grad_norm=1.0)
+    res = fit(model, data(4), dp, loss_fn=loss)
     assert res.delta.keys() == before.keys()
     assert not any(k.startswith("_module.") for k in res.delta)
     if name == "dhunet-tiny":
@@ -186,8 +198,12 @@ def test_fit_dp_sgd_returns_a_delta_keyed_like_the_compatible_model(name):
         assert any(k.endswith("rel_pos.relative_position_bias_table") for k in res.delta)
     assert all(torch.isfinite(v).all() for v in res.delta.values()) and norm(res.delta) > 0
     assert res.steps == 2 and res.sample_rate == 2 / 4 and res.noise_multiplier == 1.0
-    assert res.event == (1.0, 0.5, 2) and res.history == [(1.0, 0.5, 2)]
-    assert 0 < res.epsilon < math.inf and res.dp_delta == 1e-5
+    assert res.event == dpsgd_event(1.0, 0.5, 2)
+    assert res.accountant_state["events"] == [
+        {"mechanism": "gaussian", "noise_multiplier": 1.0, "sample_rate": 0.5, "count": 2}]
+    assert 0 < res.epsilon < math.inf and res.epsilon == res.epsilon_report.epsilon
+    floor = round_delta_floor(dp.noise, model.parameters(), 2)
+    assert res.delta_floor == pytest.approx(floor) and res.dp_delta == pytest.approx(1e-5 + floor)
     assert math.isfinite(res.loss)
     after = model.state_dict()  # the caller's model is neither trained nor left with opacus' hooks
     assert all(torch.equal(after[k], v) for k, v in before.items())
@@ -209,7 +225,8 @@ def test_poisson_batches_vary_and_empty_batches_are_noised_and_counted():
     assert len(sizes) == res.steps == 12 and res.sample_rate == 0.25
     assert 0 in sizes and len(set(sizes)) > 1
     assert math.isfinite(res.loss) and all(torch.isfinite(v).all() for v in res.delta.values())
-    assert res.history == [(0.5, 0.25, 12)]
+    assert res.event == dpsgd_event(0.5, 0.25, 12)
+    assert [e["count"] for e in res.accountant_state["events"]] == [12]
 
 
 def test_deterministic_given_seed_with_per_sample_augmentation():
@@ -260,34 +277,61 @@ def test_noise_makes_the_update_larger():
 
 def test_target_epsilon_holds_over_the_planned_rounds():
     dp = DPSGD(target_epsilon=3.0, delta=1e-5)
-    z = dp.resolve_noise_multiplier(0.25, 40)
-    acc = RDPAccountant()
-    acc.history = [(z, 0.25, 40)]
-    assert 3.0 - 0.05 <= acc.get_epsilon(1e-5) <= 3.0
-
+    z = dp.resolve_noise_multiplier(0.25, 6)
+    assert z == calibrate(3.0, 1e-5, 6, 0.25)  # to the tightest accountant, the reported one
     model, ds = private("unet-tiny"), data(4)
     cfg = ClientConfig(local_steps=2, batch_size=1, lr=0.05)
-    history = None
+    state = None
     for r in range(3):
-        res = fit(model, ds, dp, cfg, round_idx=r, total_rounds=3, accountant_state=history)
-        history = res.history
-        assert res.noise_multiplier == dp.resolve_noise_multiplier(0.25, 6)
-    assert history == [(res.noise_multiplier, 0.25, 6)]
-    assert 3.0 - 0.05 <= res.epsilon <= 3.0
-    assert res.epsilon == sample_level_epsilon(history, 1e-5)
+        res = fit(model, ds, dp, cfg, round_idx=r, total_rounds=3, accountant_state=state)
+        state = res.accountant_state
+        assert res.noise_multiplier == z
+    assert 0.99 * 3.0 <= res.epsilon <= 3.0
+    acct = PrivacyAccountant(delta=1e-5)
+    acct.record(dpsgd_event(z, 0.25, 6))
+    assert res.epsilon == acct.epsilon().epsilon
 
 
-def test_sample_level_epsilon_matches_the_oracle():
-    assert sample_level_epsilon([(1.5, 0.04, 2250)], 1e-5) == pytest.approx(7.32911, abs=1e-5)
-    assert sample_level_epsilon([(1.5, 0.04, 1000), (1.5, 0.04, 1250)], 1e-5) == pytest.approx(7.32911, abs=1e-5)
-    mixed = sample_level_epsilon([(1.5, 0.04, 1000), (3.0, 0.04, 1250)], 1e-5)
-    assert sample_level_epsilon([(1.5, 0.04, 1000)], 1e-5) < mixed < 7.32911
-    assert sample_level_epsilon([], 1e-5) == 0.0
-    assert sample_level_epsilon([(0.0, 0.1, 1)], 1e-5) == math.inf
-    with pytest.raises(ValueError, match="GDP"):
-        sample_level_epsilon([(1.5, 0.04, 10), (2.0, 0.04, 10)], 1e-5, accountant="gdp")
+def test_epsilon_is_the_privacy_accountants_over_the_rounds_recorded_events():
+    """(a) ε over several rounds is PrivacyAccountant's for the same SelfComposed events; (b) each round's
+    recorded event is (z, q, steps); the floating-point δ floor adds up over the rounds."""
+    dp = DPSGD(noise_multiplier=1.3, noise=SeededNoise(0))
+    model, ds = private("unet-tiny"), data(6)
+    cfg = ClientConfig(local_steps=3, batch_size=2, lr=0.05)
+    reference = PrivacyAccountant(delta=1e-5, accountants=ACCOUNTANTS)
+    state, floors = None, 0.0
+    for r in range(3):
+        res = fit(model, ds, dp, cfg, round_idx=r, total_rounds=3, accountant_state=state)
+        q = 1 / math.ceil(6 / 2)
+        assert (res.noise_multiplier, res.sample_rate, res.steps) == (1.3, q, 3)
+        assert res.event == dp_accounting.SelfComposedDpEvent(
+            dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(1.3)), 3)
+        reference.record(res.event)
+        floors += res.delta_floor
+        state = res.accountant_state
+        expected = reference.epsilon()
+        assert res.epsilon == expected.epsilon and res.epsilon_report.by_accountant == expected.by_accountant
+        assert res.epsilon_report.accountant == expected.accountant
+        assert res.dp_delta == pytest.approx(1e-5 + floors, rel=1e-12)
+    restored = dp.make_accountant(state)
+    assert restored.steps == 9 and restored.events == reference.events
+    assert restored.delta_floor == pytest.approx(floors) and floors > 0
+    assert res.delta_floor == pytest.approx(round_delta_floor(dp.noise, model.parameters(), 3))
+    assert json.loads(json.dumps(state)) == state  # checkpointable as JSON
+
+
+def test_dpsgd_accountants_and_the_rdp_oracle():
+    rdp = DPSGD(noise_multiplier=1.0, accountants="rdp")
+    assert rdp.accountants == ("rdp",)
+    acct = rdp.make_accountant()
+    acct.record(dpsgd_event(1.5, 0.04, 1000))
+    acct.record(dpsgd_event(1.5, 0.04, 1250))
+    assert acct.epsilon().epsilon == pytest.approx(7.32911, abs=1e-5)  # opacus' RDP oracle
+    acct.record(dpsgd_event(0.0, 0.1, 1))
+    assert acct.epsilon().epsilon == math.inf
+    assert DPSGD(noise_multiplier=1.0).accountants == ACCOUNTANTS
     with pytest.raises(ValueError):
-        sample_level_epsilon([(1.0, 1.5, 1)], 1e-5)
+        DPSGD(noise_multiplier=1.0).make_accountant({"events": []})  # not a state_dict
 
 
 def test_models_that_are_not_dp_compatible_are_refused():
@@ -318,7 +362,9 @@ def test_models_that_are_not_dp_compatible_are_refused():
         {"target_epsilon": 0.0},
         {"noise_multiplier": 1.0, "delta": 0.0},
         {"noise_multiplier": 1.0, "delta": 1.0},
-        {"noise_multiplier": 1.0, "accountant": "moments"},
+        {"noise_multiplier": 1.0, "accountants": ("moments",)},
+        {"noise_multiplier": 1.0, "accountants": ("gdp",)},
+        {"noise_multiplier": 1.0, "accountants": ()},
     ],
 )
 def test_bad_parameters_are_rejected(kwargs):
@@ -357,3 +403,97 @@ def test_noise_std_is_z_c_over_the_expected_batch():
     expected = lr * z * c / (8 * res.sample_rate)
     n = values.numel()
     assert abs(float(values.std()) / expected - 1) < 5 / math.sqrt(2 * n) + 1e-3
+
+
+# --- Poisson sampling from the noise source ---------------------------------------------------------
+
+
+class _Spy:
+    """A noise source that forwards to ``inner`` and records every bernoulli draw."""
+
+    def __init__(self, inner):
+        self.inner, self.draws = inner, []
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def bernoulli(self, n, p, *, key=()):
+        mask = self.inner.bernoulli(n, p, key=key)
+        self.draws.append((n, p, key, mask.clone()))
+        return mask
+
+
+def test_secure_sampling_draws_every_batch_from_the_noise_source(monkeypatch):
+    """(c) with SecureNoise, each step's batch is exactly the noise source's Bernoulli mask (ChaCha20);
+    opacus' torch-generator sampler is never used."""
+    from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+
+    def refuse(*_a, **_k):
+        raise AssertionError("opacus' UniformWithReplacementSampler used")
+
+    monkeypatch.setattr(UniformWithReplacementSampler, "__iter__", refuse)
+    spy = _Spy(SecureNoise())
+    assert spy.secure
+    model = private("unet-tiny")
+    sizes: list[int] = []
+    model.register_forward_pre_hook(lambda _m, args: sizes.append(args[0].shape[0]))
+    res = fit(model, data(8), DPSGD(noise_multiplier=1.0, noise=spy),
+              ClientConfig(local_steps=6, batch_size=2, lr=0.05), round_idx=1, client_id=3)
+    assert res.steps == 6 and res.sample_rate == 0.25
+    used = spy.draws[:6]  # scheduled_batches may draw one more batch before it stops
+    assert [key for _, _, key, _ in used] == [("dpsgd-sampling", 1, 3, s) for s in range(6)]
+    assert all(n == 8 and p == 0.25 for n, p, _, _ in used)
+    assert sizes == [int(m.sum()) for *_, m in used]
+
+
+def test_poisson_sampler_inclusion_rate_and_empty_batches():
+    """(d) every index is included independently with probability q."""
+    n, q, batches = 500, 0.1, 200
+    for noise in (SecureNoise(), SeededNoise(0)):
+        sampler = PoissonBatchSampler(n, q, noise, key=("test",), batches_per_pass=batches)
+        counts = torch.zeros(n)
+        sizes = []
+        for idx in sampler:
+            assert idx == sorted(set(idx)) and all(0 <= i < n for i in idx)
+            counts[idx] += 1
+            sizes.append(len(idx))
+        assert len(sizes) == batches == len(sampler) and sampler.drawn == batches
+        rate = float(counts.sum()) / (n * batches)
+        assert abs(rate - q) < 5 * math.sqrt(q * (1 - q) / (n * batches))
+        assert len(set(sizes)) > 1
+    tiny = PoissonBatchSampler(3, 0.05, SecureNoise(), batches_per_pass=200)
+    assert [] in list(tiny)  # P(empty) = 0.95^3 per batch: empty batches happen and are yielded
+    assert len(PoissonBatchSampler(10, 0.25, SecureNoise())) == 4
+    with pytest.raises(ValueError):
+        PoissonBatchSampler(0, 0.5, SecureNoise())
+    with pytest.raises(ValueError):
+        PoissonBatchSampler(5, 1.5, SecureNoise())
+
+
+def test_seeded_sampling_is_deterministic_per_key_and_secure_sampling_is_not():
+    """(e) SeededNoise: the same (seed, key) gives the same batches, in every pass; other keys differ."""
+    def batches(noise, key, passes=2):
+        sampler = PoissonBatchSampler(50, 0.2, noise, key=key)
+        return [idx for _ in range(passes) for idx in sampler]
+
+    a = batches(SeededNoise(0), ("dpsgd-sampling", 0, 0))
+    assert a == batches(SeededNoise(0), ("dpsgd-sampling", 0, 0))
+    assert a[:5] != a[5:]  # the step in the key runs on across passes
+    assert a != batches(SeededNoise(1), ("dpsgd-sampling", 0, 0))
+    assert a != batches(SeededNoise(0), ("dpsgd-sampling", 1, 0))
+    assert a != batches(SeededNoise(0), ("dpsgd-sampling", 0, 1))
+    secure = SecureNoise()
+    assert batches(secure, ()) != batches(secure, ())
+
+
+def test_poisson_loader_rate_and_empty_batches():
+    ds = data(5)
+    loader = poisson_loader(ds, 2, SeededNoise(0), key=("k",))
+    assert len(loader) == 3 and loader.batch_sampler.sample_rate == 1 / 3
+    loader = poisson_loader(ds, 1, SeededNoise(0), key=("k",))
+    shapes = {tuple(images.shape[1:]) for _ in range(20) for images, _ in loader}
+    assert shapes == {(3, 32, 32)}
+    lonely = poisson_loader(data(1), 1, SeededNoise(0))
+    lonely.batch_sampler.sample_rate = 1e-9  # every batch empty, the first included
+    images, masks = next(iter(lonely))
+    assert images.shape == (0, 3, 32, 32) and masks.shape == (0, 32, 32)

@@ -175,3 +175,54 @@ def test_noised_running_variances_are_clamped_so_evaluation_stays_finite():
     assert variances and all(bool((v >= 0).all()) for v in variances)
     assert min(float(v.min()) for v in variances) == 0.0  # clamped, not left at -100 + something
     assert all(0.0 <= result.history[-1]["test"][m] <= 1.0 for m in ("dice", "jaccard", "accuracy"))
+
+
+# --- DP-SGD in the loop ------------------------------------------------------------------------------
+
+
+def test_dp_sgd_run_reports_each_clients_accountant_checkpoints_it_and_resumes(tmp_path):
+    import json
+    import math
+
+    from privfl.defenses.dpsgd import DPSGD, dpsgd_event
+    from privfl.defenses.rng import SeededNoise
+
+    def setup():
+        data = SyntheticHistology(16, size=SIZE, seed=0, sites=2)
+        torch.manual_seed(0)
+        return build_model("unet-tiny", num_classes=4), partition(data, "iid", 2, seed=0)
+
+    dp = DPSGD(max_grad_norm=1.0, noise_multiplier=1.0, noise=SeededNoise(0))
+    cfg = ClientConfig(local_steps=2, batch_size=4)
+    model, clients = setup()
+    full = run_federated(model, clients, None, 2, config=cfg, dp_sgd=dp, progress=False, val_fraction=0.0,
+                         checkpoint_dir=tmp_path / "full")
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in full.model.modules())  # converted for opacus
+    sp = full.history[-1]["sample_privacy"]
+    q = 1 / math.ceil(8 / 4)  # Poisson rate: 1 / number of batches
+    reference = dp.make_accountant()
+    reference.record(dpsgd_event(1.0, q, 4))  # two rounds of two steps
+    expected = reference.epsilon()
+    assert sp["epsilon"] == expected.epsilon and sp["accountant"] == expected.accountant
+    assert sp["per_client"] == {"0": expected.epsilon, "1": expected.epsilon}
+    assert sp["delta"] > 1e-5  # the floating-point δ floor of two rounds is added to δ
+    assert full.history[0]["sample_privacy"]["epsilon"] < sp["epsilon"]
+    ckpt = load_checkpoint(tmp_path / "full")
+    states = ckpt["dp_sgd"]
+    assert set(states) == {"0", "1"} and json.loads(json.dumps(states)) == states
+    assert dp.make_accountant(states["0"]).events == reference.events
+    assert json.loads((tmp_path / "full" / "history.json").read_text())[-1]["sample_privacy"] == sp
+
+    def crash(rec):
+        raise _Crash
+
+    model, clients = setup()
+    with pytest.raises(_Crash):
+        run_federated(model, clients, None, 2, config=cfg, dp_sgd=dp, progress=False, val_fraction=0.0,
+                      checkpoint_dir=tmp_path / "resumed", on_round_end=crash)
+    model, clients = setup()
+    resumed = run_federated(model, clients, None, 2, config=cfg, dp_sgd=dp, progress=False, val_fraction=0.0,
+                            checkpoint_dir=tmp_path / "resumed", resume=True)
+    assert resumed.history[-1]["sample_privacy"] == sp
+    for k in full.global_state:
+        assert torch.equal(full.global_state[k], resumed.global_state[k]), k

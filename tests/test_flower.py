@@ -315,7 +315,7 @@ def test_example_runs_in_deployment_mode_on_loopback():
     run = subprocess.run([sys.executable, str(script), "--rounds", "2", "--crypto", "secagg"], capture_output=True,
                          text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert "privfl: 2 rounds, ε = 0.497 at δ = 1e-05" in run.stdout  # the same ε as in simulation
+    assert "privfl: 2 rounds, ε = 15.456 at δ = 1e-05" in run.stdout  # the same ε as in simulation
     assert '"rejected": [{}, {}]' in run.stdout
     # each node kept its protocol state across messages (a fresh ClientApp process each time)
     assert "secure aggregation, last round's sum over clients [0, 1, 2]" in run.stdout
@@ -332,7 +332,7 @@ def test_example_runs_in_simulation(crypto):
     run = subprocess.run([sys.executable, str(script), "--crypto", crypto], capture_output=True, text=True,
                          timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert "privfl: 2 rounds, ε = 0.497 at δ = 1e-05" in run.stdout
+    assert "privfl: 2 rounds, ε = 15.456 at δ = 1e-05" in run.stdout
     assert ("the server holds 2 encrypted aggregates and no model" in run.stdout) == (crypto == "ckks")
 
 

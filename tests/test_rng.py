@@ -16,7 +16,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import stats
 
-from privfl.defenses.rng import NoiseSource, SecureNoise, SeededNoise, default_noise
+from privfl.defenses.rng import (
+    GAUSSIAN_MAX_RADIUS,
+    LAPLACE_MAX_MAGNITUDE,
+    NoiseSource,
+    SecureNoise,
+    SeededNoise,
+    default_noise,
+)
 
 N = 200_000
 SOURCES = {"secure": lambda: SecureNoise(), "seeded": lambda: SeededNoise(1234),
@@ -89,7 +96,7 @@ def test_float64_path(make):
     _assert_laplace(lap, 0.5)
     assert stats.kstest(g.numpy() / 3.0, "norm").pvalue > 1e-4
     assert stats.kstest(lap.numpy(), "laplace", args=(0.0, 0.5)).pvalue > 1e-4
-    # 53-bit uniforms: nearly no value is representable in float32
+    # float64 transforms of 64-bit words: nearly no value is representable in float32
     assert (g.float().double() == g).float().mean() < 0.01
     assert (lap.float().double() == lap).float().mean() < 0.01
 
@@ -110,11 +117,15 @@ def test_extreme_std_keeps_its_scale(std):
     _assert_gaussian(SecureNoise().gaussian(20_000, std), std)
 
 
-def test_secure_tails_are_bounded_by_uniform_precision():
-    x = SecureNoise().gaussian(1_000_000, 1.0)
-    assert float(x.abs().max()) <= math.sqrt(-2 * math.log(2.0**-31)) * (1 + 1e-6)
-    lap = SecureNoise().laplace(1_000_000, 1.0)
-    assert float(lap.abs().max()) <= 31 * math.log(2) * (1 + 1e-6)
+def test_secure_tails_are_bounded_by_the_64_bit_uniforms():
+    """64-bit uniforms in float64 for every dtype (tests/test_rng_tails.py feeds the extreme words)."""
+    for dtype in (torch.float32, torch.float64):
+        x = SecureNoise().gaussian(1_000_000, 1.0, dtype=dtype)
+        assert float(x.abs().max()) <= GAUSSIAN_MAX_RADIUS * (1 + 2**-23)
+        lap = SecureNoise().laplace(1_000_000, 1.0, dtype=dtype)
+        assert float(lap.abs().max()) <= LAPLACE_MAX_MAGNITUDE * (1 + 2**-23)
+    assert GAUSSIAN_MAX_RADIUS == pytest.approx(math.sqrt(-2 * math.log(2.0**-64)))
+    assert LAPLACE_MAX_MAGNITUDE == pytest.approx(-math.log(2.0**-63))
 
 
 def test_odd_sizes_and_chunk_boundaries():

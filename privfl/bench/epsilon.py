@@ -3,10 +3,11 @@
 Three modes (sampling rates are Poisson sampling probabilities):
 
 * ``--noise-multiplier Z --sample-rate Q --steps T [--delta D]``: ε after T releases, per accountant
-  (RDP, PRV, PLD), the tightest marked. Client-level DP-FedAvg: Z = σ/C, Q = sampled/total clients,
+  (RDP, PRV, PLD), the tightest marked. Client-level DP-FedAvg: Z = noise std / C, Q = sampled/total clients,
   T = rounds. Sample-level DP-SGD: Z, Q = batch/n, T = steps.
 * ``--target-epsilon E --sample-rate Q --steps T [--delta D] [--accountant rdp]``: the smallest noise
-  multiplier that reaches ε <= E, and its ε per accountant.
+  multiplier that reaches ε <= E, and its ε per accountant. By default it calibrates to the tightest
+  of the reported accountants, so the reported ε is <= E and within 1% of it.
 * ``--mechanism gaussian|laplace --epsilon E [--delta D] [--sensitivity S] [--calibration analytic|classical]``:
   the noise scale of one release (Gaussian σ, Laplace b), in the units of the sensitivity.
 
@@ -54,7 +55,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     acc.add_argument("--accountants", type=_accountant_list, default=None,
                      help=f"comma-separated accountants to report (default {','.join(ACCOUNTANTS)})")
     acc.add_argument("--accountant", choices=ACCOUNTANTS, default=None,
-                     help="accountant that --target-epsilon calibrates with (default rdp)")
+                     help="accountant that --target-epsilon calibrates with (default: the tightest of "
+                          "--accountants, the one reported)")
     one = p.add_argument_group("one release")
     one.add_argument("--mechanism", choices=("gaussian", "laplace"), default=None)
     one.add_argument("--epsilon", type=float, default=None, help="epsilon of the single release")
@@ -162,8 +164,8 @@ def run(args: argparse.Namespace) -> int:
             q = 1.0 if args.sample_rate is None else args.sample_rate
             names = args.accountants or ACCOUNTANTS
             if mode == "calibrate":
-                with_ = args.accountant or "rdp"
-                z = calibrate(args.target_epsilon, delta, args.steps, q, with_)
+                with_ = args.accountant or ("tightest" if len(names) > 1 else names[0])
+                z = calibrate(args.target_epsilon, delta, args.steps, q, args.accountant or tuple(names))
                 rec = {"mode": mode, "target_epsilon": args.target_epsilon, "calibrated_with": with_,
                        **_accounting_record(z, q, args.steps, delta, names)}
                 title = (f"noise multiplier z = {z:.6g} reaches ε ≤ {args.target_epsilon:g} ({with_}) after "

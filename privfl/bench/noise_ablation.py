@@ -1,11 +1,12 @@
 """``python -m privfl.bench noise-ablation``: the shape of FedDP's Table II, with the proven ε.
 
-FedDP (Eq. 11: clip each client's update to L2 norm C, add N(0, σ²) per coordinate) trained on one
+FedDP (Eq. 11: clip each client's update to L2 norm C, add N(0, σ²C²) per coordinate: σ is the
+noise multiplier, the std is σ·C) trained on one
 model (``--model``; cpu-quick: ``dhunet-tiny``) for every C in ``--clips`` (default 0.05, 0.15, 0.25,
 0.35) and σ in ``--sigmas`` (default 0.1, 0.3, 0.5), plus a no-defense reference row, all from the
 same initial weights on the same data. Columns: C, σ, Dice, Jaccard, Acc (classes 1..3, final round,
 pooled test split), the ε the accountant proves at δ = 1e-5 and the paper's ε = C/σ (Eq. 14 — not a
-DP guarantee: the accounted ε depends on the noise multiplier σ/C *and* the number of rounds).
+DP guarantee: the accounted ε depends on the noise multiplier σ *and* the number of rounds, not on C).
 
 The noise is **seeded** (``SeededNoise(--seed)``, the same seed for every cell, so cells differ only
 by C and σ; reproducible and not cryptographically secure — its warning is silenced for this
@@ -37,7 +38,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--clips", default=",".join(map(str, pt.DEFAULT_CLIPS)),
                    help="comma-separated L2 clip norms C (default 0.05,0.15,0.25,0.35)")
     p.add_argument("--sigmas", default=",".join(map(str, pt.DEFAULT_SIGMAS)),
-                   help="comma-separated absolute noise stds σ (default 0.1,0.3,0.5)")
+                   help="comma-separated noise multipliers σ of Eq. 11, std σ·C (default 0.1,0.3,0.5)")
     pt.add_common_arguments(p)
 
 
@@ -79,7 +80,7 @@ def plot(path: Path, rows: Sequence[dict[str, Any]], clips: Sequence[float], sig
                     ha="center", va="center", fontsize=7, color="white" if r["dice"] < 0.6 * grid.max() else "black")
     ax.set_xticks(range(len(sigmas)), [f"{s:g}" for s in sigmas])
     ax.set_yticks(range(len(clips)), [f"{c:g}" for c in clips])
-    ax.set_xlabel("σ (absolute noise std)")
+    ax.set_xlabel("σ (noise multiplier; std σ·C)")
     ax.set_ylabel("C (L2 clip norm)")
     ax.set_title("test Dice; accounted ε at δ = 1e-5", fontsize=9)
     fig.colorbar(im, ax=ax, label="Dice")

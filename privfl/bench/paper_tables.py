@@ -35,7 +35,7 @@ DELTA = 1e-5
 
 FEDDP_SIGMA = 0.5
 FEDDP_CLIP = 0.05
-"""FedDP's published setting (Table I): σ = 0.5 absolute noise std, C = 0.05 L2 clip."""
+"""FedDP's published setting (Table I): σ = 0.5 noise multiplier (std σ·C = 0.025), C = 0.05 L2 clip."""
 
 DEFAULT_CLIPS = (0.05, 0.15, 0.25, 0.35)
 DEFAULT_SIGMAS = (0.1, 0.3, 0.5)

@@ -4,8 +4,9 @@ Two settings use the same accountant; only the meaning of the numbers differs:
 
 * **client-level DP-FedAvg** (McMahan et al. 2018) — the protected unit is one client. Per round the
   server Poisson-samples clients with probability ``q = sampled clients / total clients``, each
-  update is clipped to L2 norm ``C`` and Gaussian noise of std ``σ`` is added to the sum, so the
-  noise multiplier is ``z = σ / C`` and there is **one step per round**.
+  update is clipped to L2 norm ``C`` and Gaussian noise ``N(0, z²C²)`` is added to the sum: the
+  noise multiplier ``z`` is the noise std divided by ``C`` (in FedDP's notation, ``N(0, σ²C²I)``,
+  ``z = σ``), and there is **one step per round**.
 * **sample-level DP-SGD** (Abadi et al. 2016) — the protected unit is one training example.
   ``z`` = noise std / per-sample clip norm, ``q = batch size / dataset size`` (Poisson sampling),
   and one step per noisy gradient step.
@@ -29,7 +30,13 @@ so 10 000 identical rounds cost one entry. Three accountants turn the history in
 * ``"pld"`` — privacy loss distributions via ``dp_accounting.pld.PLDAccountant`` with pessimistic
   discretisation (an upper bound); supports Gaussian and Laplace, sampled or not.
 
-:meth:`PrivacyAccountant.epsilon` reports the smallest (tightest) of the valid bounds. A numerical
+:meth:`PrivacyAccountant.epsilon` reports the smallest (tightest) of the valid bounds.
+
+Floating-point floor: a finite-precision sampler cannot produce the outermost tail of the
+real-valued distribution the proofs analyse (:meth:`privfl.defenses.rng.NoiseSource.tail_floor`).
+Each release may carry that probability as ``delta_floor``; the accountant adds the sum over all
+releases to the δ it reports (:attr:`EpsilonReport.delta` = requested δ + floor) and refuses with
+:class:`DeltaFloorError` when the floor exceeds :data:`MAX_FLOOR_FRACTION` of the requested δ. A numerical
 accountant that fails, would need an unreasonable amount of memory (extreme parameters, ε in the
 hundreds), or returns a non-finite value is left out of the report, with the reason kept in
 :attr:`EpsilonReport.skipped`; a failed bound is never reported. Results are cached per
@@ -62,6 +69,7 @@ from privfl.errors import PrivflError
 
 __all__ = [
     "ACCOUNTANTS",
+    "DeltaFloorError",
     "EpsilonReport",
     "PrivacyAccountant",
     "PrivacyBudgetExceeded",
@@ -83,6 +91,12 @@ that changes every round): each kind costs its own discretisation and convolutio
 MAX_PRV_GRID = 1 << 22
 """Largest PRV discretisation grid (points) attempted; about 32 MB per float64 array."""
 
+MAX_FLOOR_FRACTION = 0.01
+"""Largest accepted floating-point δ floor (summed over releases), as a fraction of the requested δ."""
+
+TIGHTEST = "tightest"
+"""``calibrate(accountant=TIGHTEST)``: calibrate to the smallest valid bound, the one reports show."""
+
 STATE_FORMAT = "privfl.accountant/1"
 
 
@@ -90,10 +104,37 @@ class PrivacyBudgetExceeded(PrivflError, RuntimeError):
     """Raised before a release that would push ε above the accountant's ``max_epsilon``."""
 
 
+class DeltaFloorError(PrivflError, ValueError):
+    """The releases' floating-point δ floor is above :data:`MAX_FLOOR_FRACTION` of the requested δ:
+    no (ε, δ) at that δ can be claimed for the finite-precision mechanism."""
+
+
+def check_delta_floor(value: float, name: str = "delta_floor") -> float:
+    """``value`` as a float; ValueError unless finite and in [0, 1]."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{name} must be a real number, got {value!r}") from err
+    if not (math.isfinite(v) and 0.0 <= v <= 1.0):
+        raise ValueError(f"{name} must be a probability in [0, 1], got {value!r}")
+    return v
+
+
+def _floor_ok(floor: float, delta: float) -> None:
+    if floor > MAX_FLOOR_FRACTION * delta:
+        raise DeltaFloorError(
+            f"the noise's floating-point δ floor ({floor:.3g}, summed over the recorded releases) exceeds "
+            f"{MAX_FLOOR_FRACTION:g} × δ = {MAX_FLOOR_FRACTION * delta:.3g}: no guarantee at δ = {delta:g} can be "
+            "claimed. Ask for a larger δ, fewer releases or smaller updates (see "
+            "privfl.defenses.rng.NoiseSource.tail_floor)")
+
+
 @dataclass(frozen=True)
 class EpsilonReport:
     """ε (nats) spent at ``delta``: the tightest valid bound and every accountant's figure.
 
+    ``delta`` is the δ the guarantee holds at: the δ the accountants were asked for plus
+    ``delta_floor``, the floating-point floor of the recorded releases (module docstring).
     ``accountant`` names the accountant that gave ``epsilon``; ``by_accountant`` maps every accountant
     that produced a valid bound to its ε; ``skipped`` maps those left out to the reason.
     ``float(report)`` is ``report.epsilon``.
@@ -104,13 +145,21 @@ class EpsilonReport:
     accountant: str
     by_accountant: dict[str, float]
     skipped: dict[str, str] = field(default_factory=dict)
+    delta_floor: float = 0.0
 
     def __float__(self) -> float:
         return float(self.epsilon)
 
+    @property
+    def requested_delta(self) -> float:
+        """The δ the accountants computed ε at (``delta`` without the floor)."""
+        return self.delta - self.delta_floor
+
     def __str__(self) -> str:
         others = ", ".join(f"{k} {v:.6g}" for k, v in self.by_accountant.items())
-        text = f"ε = {self.epsilon:.6g} at δ = {self.delta:g} ({self.accountant}; {others})"
+        shown = f"{self.delta:g}" if not self.delta_floor else \
+            f"{self.delta:.6g} ({self.requested_delta:g} + floating-point floor {self.delta_floor:.3g})"
+        text = f"ε = {self.epsilon:.6g} at δ = {shown} ({self.accountant}; {others})"
         if self.skipped:
             text += "; skipped: " + "; ".join(f"{k}: {v}" for k, v in self.skipped.items())
         return text
@@ -339,7 +388,8 @@ def _epsilon_cached(name: str, history: _History, delta: float) -> float:
     return eps
 
 
-def _report(history: _History, delta: float, names: Sequence[str]) -> EpsilonReport:
+def _report(history: _History, delta: float, names: Sequence[str], floor: float = 0.0) -> EpsilonReport:
+    _floor_ok(floor, delta)
     by: dict[str, float] = {}
     skipped: dict[str, str] = {}
     for name in names:
@@ -355,7 +405,7 @@ def _report(history: _History, delta: float, names: Sequence[str]) -> EpsilonRep
             raise RuntimeError(f"no accountant could bound this history: {skipped}; {e}") from e
         by[name] = eps
     best = min(by, key=lambda k: by[k])
-    return EpsilonReport(by[best], delta, best, by, skipped)
+    return EpsilonReport(by[best], delta + floor, best, by, skipped, floor)
 
 
 def _check_accountants(accountants: Sequence[str] | str) -> tuple[str, ...]:
@@ -392,17 +442,26 @@ class PrivacyAccountant:
         self.accountants = _check_accountants(accountants)
         self._runs: list[list[Any]] = []  # [atom, count], consecutive identical atoms merged
         self._totals: dict[_Atom, int] = {}
+        self._delta_floor = 0.0  # floating-point floor summed over the recorded releases
 
     # -- recording --------------------------------------------------------------------------
 
-    def record(self, event: dp_accounting.DpEvent) -> None:
+    def record(self, event: dp_accounting.DpEvent, *, delta_floor: float = 0.0) -> None:
         """Record one DP event (validated first; an invalid event records nothing).
 
         Accepts ``GaussianDpEvent(z)``, ``LaplaceDpEvent(b/Δ₁)``, ``PoissonSampledDpEvent(q, ·)`` of
         those (Poisson sampling with probability ``q``), ``SelfComposedDpEvent``, ``ComposedDpEvent``,
         ``NoOpDpEvent`` and ``NonPrivateDpEvent`` (ε = ∞ from then on).
+
+        ``delta_floor``: the floating-point δ floor of everything ``event`` covers (for ``k`` releases,
+        ``k`` × the per-release floor of :meth:`~privfl.defenses.rng.NoiseSource.tail_floor`); it is
+        added to the δ reported from now on. A release is recorded even when its floor takes the
+        total above the limit: :meth:`epsilon` then refuses to report rather than forget it.
         """
-        self._add(_atoms(event))
+        atoms = _atoms(event)
+        floor = check_delta_floor(delta_floor)
+        self._add(atoms)
+        self._delta_floor += floor
 
     def _add(self, atoms: Iterable[tuple[_Atom, int]]) -> None:
         for atom, c in atoms:
@@ -412,20 +471,23 @@ class PrivacyAccountant:
                 self._runs.append([atom, c])
             self._totals[atom] = self._totals.get(atom, 0) + c
 
-    def record_gaussian(self, noise_multiplier: float, sample_rate: float = 1.0, steps: int = 1) -> None:
+    def record_gaussian(self, noise_multiplier: float, sample_rate: float = 1.0, steps: int = 1, *,
+                        delta_floor: float = 0.0) -> None:
         """Record ``steps`` Gaussian releases with z = noise std / L2 sensitivity, each on a Poisson
-        sample with probability ``sample_rate`` (1 = everyone, no sampling)."""
+        sample with probability ``sample_rate`` (1 = everyone, no sampling). ``delta_floor``: the
+        floating-point floor of all ``steps`` releases together (see :meth:`record`)."""
         z = check_noise_multiplier(noise_multiplier)
         q = check_sample_rate(sample_rate)
         n = _count(steps, "steps")
         self.record(dp_accounting.SelfComposedDpEvent(
-            dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(z)), n))
+            dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(z)), n), delta_floor=delta_floor)
 
-    def record_laplace(self, noise_multiplier: float, steps: int = 1) -> None:
+    def record_laplace(self, noise_multiplier: float, steps: int = 1, *, delta_floor: float = 0.0) -> None:
         """Record ``steps`` Laplace releases with noise_multiplier = Laplace scale b / L1 sensitivity Δ₁
-        (each is (1/noise_multiplier)-DP)."""
+        (each is (1/noise_multiplier)-DP). ``delta_floor`` as in :meth:`record`."""
         b = check_noise_multiplier(noise_multiplier)
-        self.record(dp_accounting.SelfComposedDpEvent(dp_accounting.LaplaceDpEvent(b), _count(steps, "steps")))
+        self.record(dp_accounting.SelfComposedDpEvent(dp_accounting.LaplaceDpEvent(b), _count(steps, "steps")),
+                    delta_floor=delta_floor)
 
     # -- reading ----------------------------------------------------------------------------
 
@@ -434,6 +496,11 @@ class PrivacyAccountant:
         """The recorded history, normalised: each run of ``n`` identical releases is
         ``SelfComposedDpEvent(atom, n)`` (just ``atom`` when ``n == 1``)."""
         return tuple(a if c == 1 else dp_accounting.SelfComposedDpEvent(a, c) for a, c in self._runs)
+
+    @property
+    def delta_floor(self) -> float:
+        """The floating-point δ floor summed over the recorded releases (added to reported δ)."""
+        return self._delta_floor
 
     @property
     def steps(self) -> int:
@@ -452,20 +519,24 @@ class PrivacyAccountant:
         """ε (nats) spent so far at ``delta`` (default: the accountant's δ), the tightest valid bound
         over the configured accountants that support every recorded event. No events → ε = 0."""
         dlt = self.delta if delta is None else check_delta(delta)
-        return _report(self._history(), dlt, self.accountants)
+        return _report(self._history(), dlt, self.accountants, self._delta_floor)
 
-    def epsilon_if(self, event: dp_accounting.DpEvent, delta: float | None = None) -> EpsilonReport:
-        """ε as if ``event`` were recorded too; the accountant is not changed."""
+    def epsilon_if(self, event: dp_accounting.DpEvent, delta: float | None = None, *,
+                   delta_floor: float = 0.0) -> EpsilonReport:
+        """ε as if ``event`` (with its ``delta_floor``) were recorded too; the accountant is not changed."""
         dlt = self.delta if delta is None else check_delta(delta)
-        return _report(self._history(event), dlt, self.accountants)
+        return _report(self._history(event), dlt, self.accountants,
+                       self._delta_floor + check_delta_floor(delta_floor))
 
-    def check_budget(self, event: dp_accounting.DpEvent) -> None:
-        """Raise :class:`PrivacyBudgetExceeded` if recording ``event`` would take ε above ``max_epsilon``.
+    def check_budget(self, event: dp_accounting.DpEvent, *, delta_floor: float = 0.0) -> None:
+        """Raise :class:`PrivacyBudgetExceeded` if recording ``event`` would take ε above ``max_epsilon``,
+        or :class:`DeltaFloorError` if its ``delta_floor`` would take the floor above the limit.
 
         Records nothing. Validates ``event`` even without a budget. A cheap RDP (or pure-DP) bound
         within budget settles the question without running the numerical accountants.
         """
         history = self._history(event)
+        _floor_ok(self._delta_floor + check_delta_floor(delta_floor), self.delta)
         if self.max_epsilon is None:
             return
         try:
@@ -489,7 +560,7 @@ class PrivacyAccountant:
             kind, z, q = _parts(atom)
             events.append({"mechanism": kind, "noise_multiplier": z, "sample_rate": q, "count": int(c)})
         return {"format": STATE_FORMAT, "max_epsilon": self.max_epsilon, "delta": self.delta,
-                "accountants": list(self.accountants), "events": events}
+                "accountants": list(self.accountants), "events": events, "delta_floor": self._delta_floor}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Replace the recorded events by those in ``state`` (from :meth:`state_dict`).
@@ -503,8 +574,10 @@ class PrivacyAccountant:
         for e in state["events"]:
             atom = _make_atom(e["mechanism"], float(e["noise_multiplier"]), float(e["sample_rate"]))
             atoms.extend(_atoms(atom, _count(e["count"])))
+        floor = check_delta_floor(state.get("delta_floor", 0.0))
         self._runs, self._totals = [], {}
         self._add(atoms)
+        self._delta_floor = floor
 
     @classmethod
     def merge(cls, *accountants: PrivacyAccountant) -> PrivacyAccountant:
@@ -518,11 +591,12 @@ class PrivacyAccountant:
                      delta=min((a.delta for a in accountants), default=1e-5), accountants=names)
         for a in accountants:
             merged._add((atom, c) for atom, c in a._runs)
+            merged._delta_floor += a._delta_floor
         return merged
 
     def __repr__(self) -> str:
         return (f"PrivacyAccountant(max_epsilon={self.max_epsilon}, delta={self.delta}, "
-                f"accountants={self.accountants}, steps={self.steps})")
+                f"accountants={self.accountants}, steps={self.steps}, delta_floor={self._delta_floor:.3g})")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -541,27 +615,40 @@ def compute_epsilons(noise_multiplier: float, sample_rate: float, steps: int, de
     return {k: v for k, v in acct.epsilon().by_accountant.items() if k in names}
 
 
+@lru_cache(maxsize=256)
 def calibrate(target_epsilon: float, delta: float, steps: int, sample_rate: float = 1.0,
-              accountant: str = "rdp") -> float:
+              accountant: str | tuple[str, ...] = TIGHTEST) -> float:
     """Smallest noise multiplier z (noise std / L2 sensitivity) whose ε after ``steps`` Poisson-sampled
     Gaussian releases at rate ``sample_rate`` is at most ``target_epsilon`` at ``delta``.
 
+    ``accountant``: ``"tightest"`` (default) calibrates to the smallest valid bound over
+    :data:`ACCOUNTANTS` — the ε that :meth:`PrivacyAccountant.epsilon` reports for the same
+    history — so the reported ε is <= target and within 1% of it; a tuple of names calibrates to
+    the smallest bound among those (what a ``PrivacyAccountant(accountants=...)`` reports);
+    ``"rdp"``, ``"prv"`` or ``"pld"`` to that accountant alone (then a tighter one may report less).
+
     Root-finding on log z (ε falls as z rises) after bracketing; the returned z has ε <= target and,
-    in practice, within 1e-5 relative of it (guaranteed within 1%) under the chosen ``accountant``.
+    in practice, within 1e-5 relative of it (guaranteed within 1%) under the chosen accountant.
+    Results are cached.
     """
     target = check_epsilon(target_epsilon, "target_epsilon")
     dlt = check_delta(delta)
     n = _count(steps, "steps")
     q = check_sample_rate(sample_rate)
-    (name,) = _check_accountants(accountant)
+    if accountant == TIGHTEST:
+        names: tuple[str, ...] = ACCOUNTANTS
+    else:
+        names = _check_accountants(accountant)
     if n == 0 or q == 0:
         raise ValueError("with no sampled steps any noise multiplier (even 0) gives epsilon 0")
 
     def eps(z: float) -> float:
         history = _history_key(dict(_atoms(dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(z)), n)))
-        value, reason = _epsilon_or_reason(name, history, dlt)
+        if len(names) > 1:
+            return _report(history, dlt, names).epsilon
+        value, reason = _epsilon_or_reason(names[0], history, dlt)
         if value is None:
-            raise ValueError(f"accountant {name!r} gives no bound at noise multiplier {z:.6g}: {reason}")
+            raise ValueError(f"accountant {names[0]!r} gives no bound at noise multiplier {z:.6g}: {reason}")
         return value
 
     # bracket: eps(lo) > target >= eps(hi)
@@ -577,8 +664,8 @@ def calibrate(target_epsilon: float, delta: float, steps: int, sample_rate: floa
             raise ValueError(f"epsilon {target} is reached with essentially no noise (z < 1e-6)")
     # root of log ε(z) = log target in log z (ε is smooth and monotone there), then make sure we are on
     # the safe side: ε(z) <= target
-    log_z = scipy.optimize.brentq(lambda u: math.log(max(eps(math.exp(u)), 1e-300) / target), math.log(lo), math.log(hi),
-                                  xtol=1e-6)
+    log_z = scipy.optimize.brentq(lambda u: math.log(max(eps(math.exp(u)), 1e-300) / target), math.log(lo),
+                                  math.log(hi), xtol=1e-6)
     z = min(math.exp(log_z), hi)
     step = 1e-6
     while eps(z) > target:
@@ -586,5 +673,5 @@ def calibrate(target_epsilon: float, delta: float, steps: int, sample_rate: floa
         step *= 2
     if eps(z) < 0.99 * target:
         raise RuntimeError(f"calibration stalled: epsilon {eps(z):.6g} at z = {z:.6g} is not within 1% of "
-                           f"{target} (accountant {name!r} is not continuous here)")
+                           f"{target} (accountant {accountant!r} is not continuous here)")
     return z

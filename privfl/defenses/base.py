@@ -82,6 +82,9 @@ class Defense(ABC):
         hides_individual_updates: ``True`` for aggregators after which the server sees only the
             aggregate (secure aggregation, homomorphic encryption). Distributed DP noise is only
             meaningful in front of one.
+        tolerated_colluders: for such aggregators, how many clients may collude with the server
+            without the aggregate's secrecy failing (``threshold − 1`` for secure aggregation).
+            Distributed noise in front of it accounts for that many colluders by default.
 
     Attributes:
         aggregated_clients: set by an :meth:`aggregate` that can drop a received payload (e.g. secure
@@ -91,6 +94,7 @@ class Defense(ABC):
     """
 
     hides_individual_updates: bool = False
+    tolerated_colluders: int = 0
     aggregated_clients: tuple[int, ...] | None = None
 
     def before_round(self, ctx: RoundContext) -> None:
@@ -113,6 +117,13 @@ class Defense(ABC):
         Default: the global state. :class:`~privfl.defenses.partial.PartialSharing` puts back the
         parameters the client kept local. Must not mutate ``global_state``."""
         return global_state
+
+    def check_release(self, ctx: RoundContext, numel: int) -> None:
+        """Server side, once the survivors are known (``ctx.extra["survivors"]``) and before the
+        aggregate of ``numel`` values is revealed (unmasked, decrypted): raise to abort the round with
+        nothing revealed, e.g. :class:`~privfl.defenses.accounting.PrivacyBudgetExceeded` when the
+        survivors' noise does not fit the budget. Default: nothing to check."""
+        return None
 
     def finalize(self, mean_update: Update, ctx: RoundContext) -> Update:
         """Server side, used by :class:`Compose` for every stage except the last (which aggregates):
@@ -149,6 +160,16 @@ def with_survivors(ctx: RoundContext, payloads: Sequence[Payload]) -> RoundConte
         raise ValueError(f"{len(payloads)} payloads for {len(ctx.sampled)} sampled clients")
     survivors = tuple(c for c, p in zip(ctx.sampled, payloads) if p is not None)
     return replace(ctx, extra={**ctx.extra, "survivors": survivors})
+
+
+def check_before_reveal(ctx: RoundContext, survivors: Sequence[int], numel: int) -> None:
+    """For aggregators that hide individual updates: call once the clients whose inputs are in the
+    aggregate (``survivors``) are known and **before** unmasking or decrypting the aggregate of
+    ``numel`` values. Runs the check :class:`Compose` installs (every earlier stage's
+    :meth:`Defense.check_release`); raises to abort the round with nothing revealed."""
+    guard = ctx.extra.get("before_reveal")
+    if guard is not None:
+        guard(tuple(survivors), int(numel))
 
 
 class Compose(Defense):
@@ -220,7 +241,14 @@ class Compose(Defense):
             stage.before_round(ctx)  # no partial round: refuse before anything is aggregated
         ctx = with_survivors(ctx, payloads)
         last = self.stages[-1]
-        mean_update = last.aggregate(payloads, ctx)
+        earlier = self.stages[:-1]
+
+        def before_reveal(survivors: tuple[int, ...], numel: int) -> None:
+            seen = replace(ctx, extra={**ctx.extra, "survivors": survivors})
+            for stage in earlier:
+                stage.check_release(seen, numel)
+
+        mean_update = last.aggregate(payloads, replace(ctx, extra={**ctx.extra, "before_reveal": before_reveal}))
         if last.aggregated_clients is not None:  # it dropped some: account only what the mean carries
             ctx = replace(ctx, extra={**ctx.extra, "survivors": tuple(last.aggregated_clients)})
         for stage in reversed(self.stages[:-1]):

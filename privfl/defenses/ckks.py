@@ -79,7 +79,7 @@ import numpy as np
 import tenseal as ts
 import torch
 
-from privfl.defenses.base import Defense, Payload, RoundContext
+from privfl.defenses.base import Defense, Payload, RoundContext, check_before_reveal
 from privfl.errors import PrivflError, check_payload_size
 from privfl.updates import (
     InvalidUpdateError,
@@ -550,6 +550,12 @@ class CKKSClient(_Party):
         return values[:count]
 
 
+def payload_header(payload: bytes | bytearray | memoryview, what: str = "payload") -> dict[str, Any]:
+    """The public JSON header of a CKKS payload or aggregate (layout, ``numel``, ``contributors``,
+    …), read without any key and without checking the ciphertexts."""
+    return _json(_split(payload, _PAYLOAD_MAGIC, what)[0], what)
+
+
 def aggregate_head(client_header: dict[str, Any], weight_sum: float, contributors: list[int]) -> bytes:
     """Magic and header frame of an aggregate payload, from one contributor's (validated) header."""
     header = {k: client_header[k] for k in ("format", "version", "key_id", "preset", "scale_bits", "slots",
@@ -877,6 +883,9 @@ class CKKSAggregation(Defense):
             raise ValueError(f"CKKSAggregation: {len(payloads)} payloads for {len(ctx.sampled)} sampled clients")
         t0 = time.perf_counter()
         encrypted_mean = self.server.aggregate(payloads, ctx.weights)
+        head = payload_header(encrypted_mean, "aggregate")
+        # the contributors are known and nothing is decrypted yet: a round that does not fit stops here
+        check_before_reveal(ctx, [ctx.sampled[i] for i in head["contributors"]], head["numel"])
         t1 = time.perf_counter()
         vec, spec = self.keyholder.decrypt_vector(encrypted_mean)
         t2 = time.perf_counter()

@@ -28,20 +28,38 @@ proofs analyse. Mironov (2012, "On significance of the least significant bits fo
 privacy") showed that the set of representable values ``x + noise`` depends on ``x``, so an
 attacker can sometimes tell neighbouring inputs apart from the low-order bits of a released value;
 the fix is a *snapping* mechanism (or discrete Gaussian/Laplace noise on a fixed grid). privfl does
-**not** implement snapping or discrete noise: its guarantees, like those of opacus and most DP
-deep-learning libraries, hold for the idealised real-valued mechanism only. In addition, the uniforms
-are finite-precision (31 bits for float32 requests, 53 bits for float64), which truncates the tails:
-a float32 Gaussian never exceeds about 6.55 σ in magnitude (probability ≈ 6e-11 under the exact law),
-a float32 Laplace never exceeds 21.5 b (probability 2⁻³¹).
+**not** implement snapping or discrete noise, so this rounding attack is **not** mitigated: its
+guarantees, like those of opacus and most DP deep-learning libraries, hold for the idealised
+real-valued mechanism only.
+
+What privfl does control is the tail. Finite-precision uniforms truncate it, and a truncated tail
+is a δ of its own. :class:`SecureNoise` therefore draws every uniform that sets a tail from a full
+64-bit keystream word and transforms it in float64 (for float32 requests too), casting at the end:
+the Gaussian radius ``√(−2 ln u)`` with ``u = (v+1)·2⁻⁶⁴`` reaches at most
+:data:`GAUSSIAN_MAX_RADIUS` ``= √(128 ln 2) ≈ 9.419`` σ, the Laplace magnitude ``−ln u`` with
+``u = (v₆₃+1)·2⁻⁶³`` at most :data:`LAPLACE_MAX_MAGNITUDE` ``= 63 ln 2 ≈ 43.668`` b (both measured
+by feeding the extreme keystream words, ``tests/test_rng_tails.py``).
+
+Tail floor: the δ the truncation costs
+--------------------------------------
+The ideal distribution's mass beyond those maxima — what one draw can never produce — is exactly the
+smallest uniform: ``2⁻⁶⁴`` per Box–Muller pair (``P(R > r) = exp(−r²/2σ²)``) and ``2⁻⁶³`` per
+Laplace value. :meth:`NoiseSource.tail_floor` returns it union-bounded over one draw of ``n``
+values, ``ceil(n/2)·2⁻⁶⁴`` (Gaussian) or ``n·2⁻⁶³`` (Laplace), independent of the scale;
+:class:`SeededNoise` reports the same floor as :class:`SecureNoise`. The privacy accountant
+(:mod:`privfl.defenses.accounting`) adds ``releases × floor`` to the δ it reports and refuses when
+that exceeds 1% of the target δ. For the 55.4 M parameters of DHU-Net the Gaussian floor is
+≈ 1.5e-12 per release.
 
 Memory and speed
 ----------------
-Large requests are produced in chunks of 256 Ki values (1 MiB of float32, cache-sized: measured
-faster than 1–16 Mi chunks) with in-place numpy ufuncs, so apart from the result each worker thread
-holds only two chunk-sized buffers (2 MiB for float32). On the 2-core development machine
-:class:`SecureNoise` Gaussian noise for the 55.4 M parameters of DHU-Net takes about 0.6× the time of
-``torch.randn`` of the same size with both cores free and about 1.15× with one core
-(``python -m privfl.bench noise`` measures both side by side).
+Large requests are produced in chunks of 256 Ki values (1 MiB of float32, cache-sized) with in-place
+numpy ufuncs, so apart from the result each worker thread holds only one chunk's keystream and
+scratch buffers (12 bytes per value for Gaussian noise, 16 for Laplace noise: 3 and 4 MiB). On the
+2-core development machine :class:`SecureNoise` Gaussian noise for the 55.4 M parameters of DHU-Net
+(float32, 64-bit uniforms and float64 radii) takes about 0.7× the time of ``torch.randn`` of the
+same size with both cores free and about 1.2× with one core (``python -m privfl.bench noise``
+measures both side by side; one core: under ``taskset -c 0``).
 """
 
 from __future__ import annotations
@@ -52,7 +70,8 @@ import os
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from typing import Any
+from fractions import Fraction
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -62,19 +81,45 @@ from torch import Tensor
 from privfl.fl.seeding import derive_seed
 from privfl.parallel import run_blocks
 
-__all__ = ["NoiseSource", "SecureNoise", "SeededNoise", "default_noise"]
+__all__ = ["GAUSSIAN_MAX_RADIUS", "LAPLACE_MAX_MAGNITUDE", "NoiseSource", "SecureNoise", "SeededNoise",
+           "default_noise"]
 
 ShapeLike = int | Sequence[int] | torch.Size
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _DEFAULT_CHUNK = 1 << 18  # values per chunk: 256 Ki (1 MiB of float32)
 
-# Fixed-point layout of the keystream words, per compute dtype:
-# (word dtype, magnitude mask, 2^-magnitude bits, sign-bit value, 2π / 2^word bits).
-_LAYOUT = {
-    torch.float32: (np.int32, (1 << 31) - 1, 2.0**-31, -(1 << 31), 2 * math.pi * 2.0**-32),
-    torch.float64: (np.int64, (1 << 53) - 1, 2.0**-53, -(1 << 63), 2 * math.pi * 2.0**-64),
-}
+GAUSSIAN_MAX_RADIUS = math.sqrt(128 * math.log(2))
+"""Largest magnitude :class:`SecureNoise` Gaussian noise can reach, in units of std (≈ 9.4193):
+``√(−2 ln 2⁻⁶⁴)``, the Box–Muller radius at the smallest 64-bit uniform."""
+LAPLACE_MAX_MAGNITUDE = 63 * math.log(2)
+"""Largest magnitude :class:`SecureNoise` Laplace noise can reach, in units of b (≈ 43.668):
+``−ln 2⁻⁶³``, at the smallest 63-bit uniform."""
+
+_U64 = 2.0**-64  # (v + 1)·2⁻⁶⁴: 64-bit uniform in (0, 1]
+_U63 = 2.0**-63  # (v + 1)·2⁻⁶³: 63-bit uniform in (0, 1]
+_SIGN64 = np.int64(-(1 << 63))  # the top bit of a word read as int64
+_LOW63 = np.int64((1 << 63) - 1)
+_TWO64_BITS = np.float64(2.0**64).view(np.int64)  # bit pattern of the float64 2⁶⁴
+_ANGLE32 = np.float32(2 * math.pi * 2.0**-32)  # int32 word -> θ in [-π, π)
+_ANGLE64 = 2 * math.pi * 2.0**-64  # int64 word -> θ in [-π, π)
+
+
+def _uniform64(words: np.ndarray, out: np.ndarray) -> None:
+    """``out = (v + 1)·2⁻⁶⁴`` in float64 for the 64-bit words ``v`` (an int64 array, overwritten).
+
+    numpy converts int64 to float64 with SIMD but uint64 an element at a time (8× slower), so the
+    words are converted as signed ints and ``2⁶⁴`` is added back where the top bit is set. Each
+    step rounds to nearest (``u`` is within about one float64 ulp of the exact value, and exact
+    below 2⁻¹¹), so ``u`` lies in ``(0, 1]``: the smallest is ``2⁻⁶⁴`` exactly (v = 0) and no
+    intermediate passes ``2⁶⁴`` (rounding is monotone and ``2⁶⁴`` is representable), so ``u <= 1``.
+    """
+    np.copyto(out, words, casting="unsafe")  # v, or v - 2⁶⁴ where the top bit is set
+    np.right_shift(words, 63, out=words)  # -1 where the top bit is set, else 0
+    np.bitwise_and(words, _TWO64_BITS, out=words)  # 2⁶⁴ there, +0.0 elsewhere (as float64 bits)
+    out += words.view(np.float64)
+    out += 1.0
+    out *= _U64  # exact: a power of two
 
 
 def _check_scale(value: float, what: str) -> float:
@@ -102,6 +147,24 @@ def _check_shape(shape: ShapeLike) -> tuple[int, ...]:
     return dims
 
 
+def _check_count(n: int) -> int:
+    """``n`` as an int; ValueError unless it is an int (not a bool) >= 0."""
+    if not isinstance(n, (int, np.integer)) or isinstance(n, (bool, np.bool_)) or n < 0:
+        raise ValueError(f"n must be an int >= 0, got {n!r}")
+    return int(n)
+
+
+def _check_probability(p: float) -> float:
+    """``p`` as a float; ValueError unless it is a real number in [0, 1]."""
+    try:
+        q = float(p)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"p must be a real number, got {p!r}") from err
+    if not 0.0 <= q <= 1.0:  # also rejects NaN
+        raise ValueError(f"p must be in [0, 1], got {p!r}")
+    return q
+
+
 def _check_dtype(dtype: torch.dtype) -> torch.dtype:
     if dtype not in _FLOAT_DTYPES:
         raise TypeError(f"noise dtype must be a floating-point dtype {_FLOAT_DTYPES}, got {dtype}")
@@ -118,6 +181,9 @@ class NoiseSource(ABC):
 
     ``key`` names the draw (for example ``("GaussianMechanism", round, client)``). Reproducible
     sources derive their stream from it; secure sources ignore it.
+
+    :meth:`bernoulli` draws coin flips (DP-SGD's Poisson sampling) from the same source, and
+    :meth:`tail_floor` gives the δ a draw's bounded tails cost (module docstring, "Tail floor").
     """
 
     name: str
@@ -142,6 +208,44 @@ class NoiseSource(ABC):
         """
         return self._draw(self._laplace, shape, _check_scale(scale, "scale"), key, dtype, device)
 
+    def tail_floor(self, kind: Literal["gaussian", "laplace"], n: int) -> float:
+        """Probability mass of the ideal (real-valued) distribution's tail that one draw of ``n``
+        values can never produce, union-bounded over the draw: a δ to add per release.
+
+        :class:`SecureNoise` builds every tail from a 64-bit uniform ``u >= u_min``:
+
+        - ``"gaussian"``: one Box–Muller pair per two values, radius ``R = σ·√(−2 ln u)`` at most
+          ``R_max = GAUSSIAN_MAX_RADIUS·σ``; under the exact law ``P(R > r) = exp(−r²/2σ²)``, so
+          ``P(R > R_max) = u_min = 2⁻⁶⁴`` per pair and the floor is ``ceil(n/2)·2⁻⁶⁴``.
+        - ``"laplace"``: ``|X| = −b ln u`` at most ``LAPLACE_MAX_MAGNITUDE·b`` with
+          ``P(|X| > M_max) = u_min = 2⁻⁶³`` per value, so the floor is ``n·2⁻⁶³``.
+
+        It does not depend on the scale (std or b), only on the number of values. ``kind`` must be
+        ``"gaussian"`` or ``"laplace"`` and ``n`` an int >= 0 (ValueError otherwise).
+        """
+        n = _check_count(n)
+        if kind == "gaussian":
+            return -(-n // 2) * 2.0**-64
+        if kind == "laplace":
+            return n * 2.0**-63
+        raise ValueError(f"kind must be 'gaussian' or 'laplace', got {kind!r}")
+
+    def bernoulli(self, n: int, p: float, *, key: tuple = ()) -> Tensor:
+        """``n`` independent Bernoulli(``p``) draws as a flat bool CPU tensor (True with probability
+        ``p``), e.g. Poisson sampling's per-example coin flips.
+
+        ``p == 0`` gives all False and ``p == 1`` all True, exactly. ``n`` must be an int >= 0 and
+        ``p`` a real number in ``[0, 1]`` (ValueError otherwise). ``key`` names the draw, as for
+        :meth:`gaussian`.
+        """
+        n = _check_count(n)
+        q = _check_probability(p)
+        if n == 0 or q == 0.0:
+            return torch.zeros(n, dtype=torch.bool)
+        if q == 1.0:
+            return torch.ones(n, dtype=torch.bool)
+        return self._bernoulli(n, q, tuple(key))
+
     def _draw(self, fill: Any, shape: ShapeLike, scale: float, key: tuple, dtype: torch.dtype,
               device: torch.device | str) -> Tensor:
         dims = _check_shape(shape)
@@ -162,6 +266,10 @@ class NoiseSource(ABC):
     def _laplace(self, n: int, scale: float, key: tuple, dtype: torch.dtype) -> Tensor:
         """``n`` values of Laplace(0, ``scale``) as a flat contiguous CPU tensor of ``dtype``."""
 
+    @abstractmethod
+    def _bernoulli(self, n: int, p: float, key: tuple) -> Tensor:
+        """``n >= 1`` Bernoulli(``p``) draws, ``0 < p < 1``, as a flat bool CPU tensor."""
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
 
@@ -173,17 +281,29 @@ class SecureNoise(NoiseSource):
     PID, so parent and child never share a stream). Nonces: every call takes a fresh call number
     from a per-instance counter and every chunk of a call its own 16-byte ChaCha20 nonce
     ``(block counter 0 [4 bytes] ‖ call number [8 bytes] ‖ chunk number [4 bytes])``, so no
-    keystream byte is ever used twice by one key. A chunk is far below the 256 GiB a 32-bit block
-    counter covers. The ``key`` argument is ignored: the output is never
+    keystream byte is ever used twice by one key. A chunk takes at most 8 bytes of keystream per
+    value (at most 8 GiB at the largest ``chunk_size``), far below the 256 GiB a 32-bit block
+    counter covers, so chunks never overlap. The ``key`` argument is ignored: the output is never
     reproducible.
 
-    Uniforms: for float32 the keystream is read as int32 words; 31 bits give ``u = (v+1)·2⁻³¹`` in
-    ``(0, 1]`` (never 0), the remaining sign bit is the Laplace sign. For float64, int64 words give
-    53-bit uniforms ``(v+1)·2⁻⁵³``.
+    Uniforms: every uniform that sets a tail comes from a full 64-bit keystream word ``v`` and is
+    transformed in float64, whatever the requested dtype; the result is cast at the end (float16
+    and bfloat16 are drawn as float32 and rounded).
 
-    - Gaussian: Box–Muller, both outputs used: ``r = std·√(−2 ln u₁)``, ``θ`` uniform in ``[−π, π)``
-      from a full word, ``z₁ = r·sin θ`` (first half of a chunk), ``z₂ = r·cos θ`` (second half).
-    - Laplace: inverse CDF, ``|X| = −b·ln u`` (exactly Exp(b)), sign from the independent sign bit.
+    - Gaussian: Box–Muller, both outputs used. Per pair one 64-bit word gives
+      ``u = (v+1)·2⁻⁶⁴`` in ``(0, 1]`` (never 0: at least ``2⁻⁶⁴``) and the radius
+      ``r = std·√(−2 ln u)`` in float64, at most ``GAUSSIAN_MAX_RADIUS·std ≈ 9.419·std``. The angle
+      ``θ``, uniform in ``[−π, π)``, sets no tail: for float32 requests it comes from a 32-bit word
+      and ``sin θ``, ``cos θ`` are computed in float32 (``r`` is rounded to float32 before the
+      product); for float64 requests from a 64-bit word in float64. ``z₁ = r·sin θ`` fills the
+      first half of a chunk and ``z₂ = r·cos θ`` the second. Keystream per pair: 12 bytes
+      (float32) or 16 (float64).
+    - Laplace: inverse CDF. Per value one 64-bit word: its top bit is the sign and the other 63
+      bits give ``u = (v₆₃+1)·2⁻⁶³`` in ``(0, 1]``; ``|X| = −b·ln u`` (exactly Exp(b) up to the
+      uniform's resolution) in float64, at most ``LAPLACE_MAX_MAGNITUDE·b ≈ 43.668·b``.
+    - Bernoulli(p): per draw one 64-bit word, True when ``v < round(p·2⁶⁴)``.
+
+    See :meth:`NoiseSource.tail_floor` for the δ the bounded tails cost.
 
     Speed: chunks are shared out to ``threads`` worker threads (the caller's thread is one of them)
     that take the next chunk when they finish one, each with its own reused buffers. Both the
@@ -199,9 +319,9 @@ class SecureNoise(NoiseSource):
     secure = True
 
     def __init__(self, *, chunk_size: int = _DEFAULT_CHUNK, threads: int | None = None) -> None:
-        """``chunk_size``: values per chunk (scratch memory is two chunk-sized integer buffers per
-        thread, 8 bytes per value for float32); ``threads``: worker threads, default
-        ``torch.get_num_threads()`` at call time."""
+        """``chunk_size``: values per chunk (scratch memory per thread, keystream included: 12 bytes
+        per value for Gaussian noise, 16 for Laplace noise, 8 for Bernoulli draws); ``threads``:
+        worker threads, default ``torch.get_num_threads()`` at call time."""
         if not 2 <= int(chunk_size) <= 1 << 30:
             raise ValueError(f"chunk_size must be in [2, 2**30], got {chunk_size}")
         if threads is not None and int(threads) < 1:
@@ -223,71 +343,108 @@ class SecureNoise(NoiseSource):
                 self._rekey()
             return self._key, next(self._calls)
 
-    def _run(self, n: int, dtype: torch.dtype, chunk_fn: Callable[..., None]) -> np.ndarray:
-        """Fill ``n`` values (rounded up to even) chunk by chunk: ``chunk_fn(out, words, scratch)`` gets
-        the chunk's output slice, its keystream as integer words and a scratch array of the same size."""
-        word = _LAYOUT[dtype][0]
-        m = n + (n & 1)
+    def _keystream(self, key: bytes, call: int, chunk: int, zeros: memoryview, out: np.ndarray) -> None:
+        """Write the ChaCha20 keystream of chunk ``chunk`` of call ``call`` into ``out`` (a contiguous
+        uint8 array; ``zeros``: as many zero bytes, the plaintext). Nonce ``(block counter 0 ‖ call ‖
+        chunk)``. Tests replace this to feed chosen words."""
+        nonce = bytes(4) + call.to_bytes(8, "little") + chunk.to_bytes(4, "little")
+        enc = Cipher(algorithms.ChaCha20(key, nonce), mode=None).encryptor()
+        enc.update_into(zeros, out.data)
+
+    def _run(self, m: int, out_dtype: torch.dtype, value_bytes: int,
+             chunk_fn: Callable[[np.ndarray, np.ndarray, tuple], None],
+             make_scratch: Callable[[int], tuple] = lambda c: ()) -> np.ndarray:
+        """Fill ``m`` values of ``out_dtype`` chunk by chunk (chunks of ``chunk_size`` values, even):
+        ``chunk_fn(out, raw, scratch)`` gets the chunk's output slice, its ``value_bytes`` bytes of
+        keystream per value as a uint8 array, and this thread's ``make_scratch(chunk_size)``."""
         c = min(self.chunk_size, m)
         n_chunks = -(-m // c)
-        out = torch.empty(m, dtype=dtype).numpy()
+        out = torch.empty(m, dtype=out_dtype).numpy()
         key, call = self._new_call()
-        zeros = bytes(c * np.dtype(word).itemsize)  # calloc'd zero pages: costs no real memory
-        def work(i: int, bufs: tuple[np.ndarray, np.ndarray]) -> None:
-            words, scratch = bufs
-            raw = words.view(np.uint8)
+        zeros = memoryview(bytes(c * value_bytes))  # calloc'd zero pages: costs no real memory
+
+        def work(i: int, scratch: tuple) -> None:
             start = i * c
             size = min(c, m - start)
-            nonce = bytes(4) + call.to_bytes(8, "little") + i.to_bytes(4, "little")
-            enc = Cipher(algorithms.ChaCha20(key, nonce), mode=None).encryptor()
-            enc.update_into(memoryview(zeros)[: size * words.itemsize], raw[: size * words.itemsize].data)
-            chunk_fn(out[start:start + size], words[:size], scratch[:size])
+            nbytes = size * value_bytes
+            raw = scratch[0][:nbytes]
+            self._keystream(key, call, i, zeros[:nbytes], raw)
+            chunk_fn(out[start:start + size], raw, scratch[1:])
 
-        run_blocks(n_chunks, work, lambda: (np.empty(c, dtype=word), np.empty(c, dtype=word)), self.threads)
+        run_blocks(n_chunks, work, lambda: (np.empty(c * value_bytes, dtype=np.uint8), *make_scratch(c)),
+                   self.threads)
         return out
 
     def _gaussian(self, n: int, std: float, key: tuple, dtype: torch.dtype) -> Tensor:
-        _word, mask, unit, _sign, angle = _LAYOUT[dtype]
-        # fold std into the log step when -2·std² is comfortably representable in float32
-        factor = -2.0 * std * std if 1e-30 < 2.0 * std * std < 1e30 else -2.0
+        f64 = dtype == torch.float64
+        # fold std into the log step when -2·std² is comfortably representable in float64
+        factor = -2.0 * std * std if 1e-300 < 2.0 * std * std < 1e300 else -2.0
 
-        def chunk(o: np.ndarray, w: np.ndarray, scratch: np.ndarray) -> None:
-            p = w.size // 2
-            k1, k2 = w[:p], w[p:]
-            r, z, s = o[:p], o[p:], scratch[:p].view(o.dtype)
-            np.bitwise_and(k1, mask, out=k1)
-            np.copyto(r, k1, casting="unsafe")
-            r += 1.0
-            r *= unit  # u in (0, 1]: exact scaling by a power of two
+        def chunk(o: np.ndarray, raw: np.ndarray, scratch: tuple) -> None:
+            p = o.size // 2
+            r = o[:p] if f64 else scratch[0][:p]  # radius, float64
+            z = o[p:]
+            s = scratch[-1][:p]
+            _uniform64(raw[:8 * p].view(np.int64), r)  # u in (0, 1]
             np.log(r, out=r)
             r *= factor
             np.sqrt(r, out=r)
             if factor == -2.0:
                 r *= std
-            np.copyto(z, k2, casting="unsafe")
-            z *= angle  # θ in [-π, π)
+            if f64:
+                np.copyto(z, raw[8 * p:].view(np.int64), casting="unsafe")
+                z *= _ANGLE64  # θ in [-π, π)
+            else:
+                np.copyto(z, raw[8 * p:].view(np.int32), casting="unsafe")
+                z *= _ANGLE32
             np.sin(z, out=s)
             np.cos(z, out=z)
-            z *= r
-            r *= s
+            if f64:
+                z *= r
+                r *= s
+            else:
+                r32 = o[:p]
+                np.copyto(r32, r, casting="unsafe")
+                z *= r32
+                r32 *= s
 
-        return torch.from_numpy(self._run(n, dtype, chunk))[:n]
+        if f64:
+            out = self._run(n + (n & 1), torch.float64, 8, chunk, lambda c: (np.empty(c // 2),))
+        else:
+            out = self._run(n + (n & 1), torch.float32, 6, chunk,
+                            lambda c: (np.empty(c // 2), np.empty(c // 2, dtype=np.float32)))
+        return torch.from_numpy(out)[:n]
 
     def _laplace(self, n: int, scale: float, key: tuple, dtype: torch.dtype) -> Tensor:
-        _word, mask, unit, sign_bit, _angle = _LAYOUT[dtype]
+        f64 = dtype == torch.float64
 
-        def chunk(o: np.ndarray, w: np.ndarray, signs: np.ndarray) -> None:
-            np.bitwise_and(w, sign_bit, out=signs)
-            np.bitwise_and(w, mask, out=w)
-            np.copyto(o, w, casting="unsafe")
-            o += 1.0
-            o *= unit
-            np.log(o, out=o)
-            o *= -scale  # |X| = -b ln u >= 0
-            bits = o.view(w.dtype)
+        def chunk(o: np.ndarray, raw: np.ndarray, scratch: tuple) -> None:
+            w = raw.view(np.int64)
+            signs = scratch[0][: o.size]
+            mag = o if f64 else w.view(np.float64)  # float64; for float32 in place of the words
+            np.bitwise_and(w, _SIGN64, out=signs)
+            np.bitwise_and(w, _LOW63, out=w)  # v63 >= 0
+            np.copyto(mag, w, casting="unsafe")
+            mag += 1.0
+            mag *= _U63  # u in (0, 1]
+            np.log(mag, out=mag)
+            mag *= -scale  # |X| = -b ln u >= 0
+            mag += 0.0  # -0.0 (u = 1) -> +0.0, so that the sign bit alone sets the sign
+            bits = mag.view(np.int64)
             np.bitwise_or(bits, signs, out=bits)
+            if not f64:
+                np.copyto(o, mag, casting="unsafe")
 
-        return torch.from_numpy(self._run(n, dtype, chunk))[:n]
+        out = self._run(n, dtype, 8, chunk, lambda c: (np.empty(c, dtype=np.int64),))
+        return torch.from_numpy(out)
+
+    def _bernoulli(self, n: int, p: float, key: tuple) -> Tensor:
+        threshold = np.uint64(round(Fraction(p) * 2**64))  # 0 < p < 1 -> threshold < 2⁶⁴
+
+        def chunk(o: np.ndarray, raw: np.ndarray, _scratch: tuple) -> None:
+            np.less(raw.view(np.uint64), threshold, out=o)
+
+        return torch.from_numpy(self._run(n, torch.bool, 8, chunk))
 
     def __repr__(self) -> str:
         return f"SecureNoise(chunk_size={self.chunk_size}, threads={self.threads})"
@@ -306,8 +463,9 @@ class SeededNoise(NoiseSource):
     Each call seeds a fresh CPU generator with ``derive_seed(seed, *key)``: the same ``(seed, key)``
     always gives the same noise (on any device, since it is drawn on the CPU and moved), different
     keys give independent streams, and nothing depends on global RNG state or call order. A Gaussian
-    and a Laplace draw under the same key share a stream, so give them different keys. Key elements
-    that are not non-negative ints are hashed as ``str``.
+    and a Laplace draw under the same key share a stream, so give them different keys (the same goes
+    for :meth:`bernoulli`, ``torch.rand(n, dtype=float64) < p``). Key elements that are not
+    non-negative ints are hashed as ``str``.
 
     See the module docstring for why this must not be used where privacy actually matters.
     """
@@ -334,6 +492,17 @@ class SeededNoise(NoiseSource):
         out = torch.abs(x)
         out.mul_(-2.0).add_(1.0).log_().mul_(-scale)
         return out.copysign_(x)
+
+    def tail_floor(self, kind: Literal["gaussian", "laplace"], n: int) -> float:
+        """The same floor as :class:`SecureNoise` for the same request (see
+        :meth:`NoiseSource.tail_floor`), although this source's own tails are set by ``torch``'s
+        samplers: a seeded run is an experiment whose (ε, δ) describes the same configuration
+        deployed with :class:`SecureNoise`, so it reports that deployment's δ. The seeded noise itself
+        is predictable and protects nothing (module docstring), whatever δ says."""
+        return super().tail_floor(kind, n)
+
+    def _bernoulli(self, n: int, p: float, key: tuple) -> Tensor:
+        return torch.rand(n, generator=self._generator(key), dtype=torch.float64) < p
 
     def __repr__(self) -> str:
         return f"SeededNoise(seed={self.seed})"

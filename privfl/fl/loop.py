@@ -77,27 +77,29 @@ def _defense_reports(defense: Defense) -> dict[str, Any] | None:
 
 
 def _fit_dp_sgd(client: Client, model: nn.Module, global_state: Update, dp: DPSGD, round_idx: int, rounds: int,
-                seed: int, fabric: Any, histories: dict[int, list[tuple[float, float, int]]]) -> tuple[Update, float]:
-    """One client's round with DP-SGD; appends its privacy event to ``histories``."""
+                seed: int, fabric: Any, states: dict[int, dict[str, Any]]) -> tuple[Update, float]:
+    """One client's round with DP-SGD; records its event in the client's accountant state in ``states``."""
     from privfl.defenses.dpsgd import fit_dp_sgd
 
     cid = client.client_id
     res = fit_dp_sgd(model, client.train_data, global_state, client.config, dp, loss_fn=client.loss_fn,
                      augment=client.augment, round_idx=round_idx, total_rounds=rounds, seed=seed, client_id=cid,
-                     device=fabric.device, accountant_state=histories.get(cid))
-    histories[cid] = [(float(z), float(q), int(steps)) for z, q, steps in res.history]
+                     device=fabric.device, accountant_state=states.get(cid))
+    states[cid] = res.accountant_state
     return res.delta, res.loss
 
 
-def _sample_privacy_record(dp: DPSGD | None, histories: dict[int, list[tuple[float, float, int]]]
-                           ) -> dict[str, Any] | None:
+def _sample_privacy_record(dp: DPSGD | None, states: dict[int, dict[str, Any]]) -> dict[str, Any] | None:
+    """Sample-level (ε, δ) of the DP-SGD clients so far: the largest client ε (and the δ it holds at,
+    the largest over clients), its accountant, and every client's ε."""
     if dp is None:
         return None
-    from privfl.defenses.dpsgd import sample_level_epsilon
-
-    per_client = {str(c): sample_level_epsilon(h, dp.delta, dp.accountant) for c, h in sorted(histories.items())}
-    return {"epsilon": max(per_client.values(), default=0.0), "delta": dp.delta, "accountant": dp.accountant,
-            "per_client": per_client}
+    reports = {str(c): dp.make_accountant(state).epsilon() for c, state in sorted(states.items())}
+    worst = max(reports.values(), key=lambda r: r.epsilon, default=None)
+    return {"epsilon": worst.epsilon if worst else 0.0,
+            "delta": max((r.delta for r in reports.values()), default=dp.delta),
+            "accountant": worst.accountant if worst else None,
+            "per_client": {c: r.epsilon for c, r in reports.items()}}
 
 
 def _split_clients(datasets: Sequence[Dataset], val_fraction: float, seed: int) -> list[tuple[Dataset, Dataset | None]]:
@@ -163,12 +165,13 @@ def run_federated(
             opacus) instead of plain SGD. The model is converted with
             :func:`~privfl.models.dp_compat.make_private_compatible` first when it needs it
             (BatchNorm → GroupNorm, …); ``result.model`` is the converted model. Each client's
-            privacy events are checkpointed and its ε reported per round.
+            DP-SGD privacy (a :class:`~privfl.defenses.accounting.PrivacyAccountant` state) is
+            checkpointed and its ε reported per round.
 
     Each history record has ``round``, ``sampled``, ``train_loss`` (sample-weighted mean),
     ``client_loss``, ``update_norm`` (L2 of the aggregated update; keys kept local are absent), ``privacy`` (``epsilon``, ``delta``,
     ``accountant`` so far, or ``None`` without an accountant), ``sample_privacy`` (with ``dp_sgd``:
-    ``epsilon`` = the largest client ε at ``delta``, ``per_client``), ``defense_report`` (stages'
+    ``epsilon`` = the largest client ε, ``delta`` it holds at, ``accountant`` that gave it, ``per_client`` ε), ``defense_report`` (stages'
     ``last_report``, e.g. CKKS / secure-aggregation bytes per client and error), ``val`` (per client metrics),
     ``test`` (pooled metrics, or ``None``) and ``seconds``.
     """
@@ -200,7 +203,7 @@ def run_federated(
                    "sizes": [c.num_samples for c in clients], "keys": sorted(server.global_state)}
 
     history: list[dict[str, Any]] = []
-    dp_histories: dict[int, list[tuple[float, float, int]]] = {}  # DP-SGD (z, q, steps) per client
+    dp_states: dict[int, dict[str, Any]] = {}  # DP-SGD: each client's PrivacyAccountant.state_dict()
     start = 0
     if resume:
         ckpt = load_checkpoint(checkpoint_dir)  # type: ignore[arg-type]
@@ -210,7 +213,7 @@ def run_federated(
             server.global_state = ckpt["global_state"]
             history = ckpt["history"]
             defense.load_state_dict(ckpt["defense"])
-            dp_histories = {int(c): [tuple(e) for e in h] for c, h in ckpt.get("dp_sgd", {}).items()}
+            dp_states = {int(c): state for c, state in ckpt.get("dp_sgd", {}).items()}
             start = ckpt["round"] + 1
 
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -231,7 +234,7 @@ def run_federated(
                     delta, losses[cid] = clients[cid].fit(model, start_state, r, rounds, fabric, seed)
                 else:
                     delta, losses[cid] = _fit_dp_sgd(clients[cid], model, start_state, dp_sgd, r, rounds, seed,
-                                                     fabric, dp_histories)
+                                                     fabric, dp_states)
                 payloads.append(defense.protect(delta, ctx.for_client(cid)))
                 del delta  # the defense has seen it: the loop never touches it again
                 bar.advance(t_clients)
@@ -253,7 +256,7 @@ def run_federated(
                 "client_loss": {str(c): losses[c] for c in sampled},
                 "update_norm": global_l2_norm(mean_update),
                 "privacy": _privacy_record(defense),
-                "sample_privacy": _sample_privacy_record(dp_sgd, dp_histories),
+                "sample_privacy": _sample_privacy_record(dp_sgd, dp_states),
                 "defense_report": _defense_reports(defense),
                 "val": {str(c): v for c, v in val.items()},
                 "test": test,
@@ -263,7 +266,7 @@ def run_federated(
             if checkpoint_dir is not None:
                 save_checkpoint(checkpoint_dir, {"round": r, "global_state": server.global_state, "history": history,
                                                  "defense": defense.state_dict(), "fingerprint": fingerprint,
-                                                 "dp_sgd": {str(c): h for c, h in dp_histories.items()}})
+                                                 "dp_sgd": {str(c): h for c, h in dp_states.items()}})
             dice = f"test Dice {test['dice']:.3f}" if test else ""
             bar.update(t_rounds, advance=1, info=f"loss {record['train_loss']:.3f} {dice}")
             if on_round_end is not None:

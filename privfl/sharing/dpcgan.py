@@ -19,7 +19,7 @@ discriminator weights and fresh public randomness (latents, uniform labels): it 
 post-processing of the discriminator's DP-SGD outputs so far, and the next discriminator step's
 dependence on the generator is adaptive composition, which the accountant already covers. Hence
 the whole trajectory — and the generator a client sends each round — is (ε, δ)-DP with the ε of
-the discriminator's history (:attr:`DPCGANResult.epsilons`). The discriminator could be shared too
+the discriminator's accountant (:attr:`DPCGANResult.epsilons`). The discriminator could be shared too
 at no extra cost, but it is kept local, mirroring the DP-CVAE's encoder; only ``generator.*`` keys
 leave a client (:attr:`DPCGANResult.sent`). Fake labels are uniform rather than the client's class
 frequencies, which would be a statistic of its data outside the guarantee.
@@ -48,12 +48,14 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from privfl.defenses.dpsgd import DPSGD, PrivacyEvent, sample_level_epsilon
+from privfl.defenses.accounting import EpsilonReport
+from privfl.defenses.dpsgd import DPSGD
 from privfl.fl.seeding import derive_seed
 from privfl.sharing.dp_training import OPTIMIZERS, DPTrainResult, train_dp
 from privfl.sharing.dpcvae import (
@@ -64,6 +66,7 @@ from privfl.sharing.dpcvae import (
     _class_probs,
     _labels_and_noise,
     _param_count,
+    _privacy_fields,
     _progress,
     _seeded,
     _size_weighted,
@@ -193,7 +196,8 @@ def train_federated_dpcgan(clients: Sequence[tuple[Tensor, Tensor]], num_classes
     global_generator = _seeded(new_model, config.seed, "dpcgan-global").generator_state()
     models = [_seeded(new_model, config.seed, "dpcgan-client", c) for c in range(len(clients))]
     sizes = [int(x.shape[0]) for x, _ in clients]
-    histories: list[list[PrivacyEvent]] = [[] for _ in clients]
+    states: list[dict[str, Any] | None] = [None for _ in clients]
+    reports: list[EpsilonReport | None] = [None for _ in clients]
     sent: list[list[str]] = []
     losses: list[list[float]] = []
 
@@ -206,8 +210,8 @@ def train_federated_dpcgan(clients: Sequence[tuple[Tensor, Tensor]], num_classes
                 # --- on client c ---
                 gan.load_generator_state(global_generator)
                 res = _client_round(gan, x, y, config, dp, seed=derive_seed(config.seed, "dpcgan", r, c),
-                                    history=histories[c])
-                histories[c] = res.history
+                                    accountant_state=states[c])
+                states[c], reports[c] = res.accountant_state, res.epsilon_report
                 message = gan.generator_state()
                 # --- what leaves the client ---
                 sent.append(list(message))
@@ -220,16 +224,14 @@ def train_federated_dpcgan(clients: Sequence[tuple[Tensor, Tensor]], num_classes
     final = _seeded(new_model, config.seed, "dpcgan-sampling-model")
     final.load_generator_state(global_generator)
     final.eval()
-    epsilons = [sample_level_epsilon(h, dp.delta, dp.accountant) for h in histories]
     counts = {"generator": _param_count(final.generator), "discriminator": _param_count(final.discriminator)}
     counts["total"] = counts["generator"] + counts["discriminator"]
-    return DPCGANResult(global_generator=global_generator, model=final, epsilons=epsilons, histories=histories,
-                        sent=sent, param_count=counts, seconds=time.perf_counter() - t0, delta=dp.delta,
-                        losses=losses)
+    return DPCGANResult(global_generator=global_generator, model=final, **_privacy_fields(dp, states, reports),
+                        sent=sent, param_count=counts, seconds=time.perf_counter() - t0, losses=losses)
 
 
 def _client_round(gan: CGAN, x: Tensor, y: Tensor, config: DPCGANConfig, dp: DPSGD, *, seed: int,
-                  history: Sequence[PrivacyEvent]) -> DPTrainResult:
+                  accountant_state: Mapping[str, Any] | None) -> DPTrainResult:
     """One client's local training: DP-SGD on the discriminator, a generator step after each."""
     gen_params = list(gan.generator.parameters())
     g_opt = (torch.optim.SGD(gen_params, lr=config.lr) if config.optimizer == "sgd"
@@ -259,7 +261,8 @@ def _client_round(gan: CGAN, x: Tensor, y: Tensor, config: DPCGANConfig, dp: DPS
     gan.train()
     return train_dp(gan.discriminator, x, y, d_loss, epochs=config.local_epochs, lr=config.lr,
                      batch_size=config.batch_size, dp=dp, total_epochs=config.rounds * config.local_epochs,
-                     seed=seed, history=history, optimizer=config.optimizer, between_steps=g_step)
+                     seed=seed, accountant_state=accountant_state, optimizer=config.optimizer,
+                     between_steps=g_step)
 
 
 def sample(generator_model: CGAN, n: int, class_probs: Sequence[float] | Tensor, *, seed: int = 0

@@ -19,14 +19,15 @@ Threat model
   (about ``k·ε``).
 * **What is shared:** each client's decoder weights, once per round. They are the output of DP-SGD
   on that client's data, so the sequence of everything the client sends over the whole run is
-  (ε, δ)-DP with the ε of :attr:`DPCVAEResult.epsilons` (opacus' accountant on the client's
-  history ``[(z, q, steps), …]``). The adversary may be the server, the other clients or an
+  (ε, δ)-DP with the ε of :attr:`DPCVAEResult.epsilons` (the client's
+  :class:`~privfl.defenses.accounting.PrivacyAccountant`, one DP-SGD event per round: the tightest
+  valid bound among RDP, PRV and PLD). The adversary may be the server, the other clients or an
   eavesdropper, and may know the code, the hyper-parameters, the initial weights and all other
   rows. The global decoder, every embedding sampled from it and every model trained on those is
   post-processing and covered by the same ε; each client's guarantee holds whatever the others do.
 * **Calibration:** the noise multiplier is calibrated (``DPSGD(target_epsilon=epsilon)``) for the
   whole planned run, ``rounds × local_epochs`` epochs, so a completed run ends at ε ≤ ``epsilon``
-  (to opacus' tolerance of 0.01) and an interrupted one below it.
+  (within calibrate's tolerance) and an interrupted one below it.
 * **What is not shared:** the encoder never leaves its client (:attr:`DPCVAEResult.sent` lists the
   keys of every message, for tests to check); nor do the real embeddings. The encoder is trained
   by the same DP-SGD, but it is kept local because the method says so, not because DP needs it.
@@ -44,12 +45,13 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
 
-from privfl.defenses.dpsgd import DPSGD, PrivacyEvent, sample_level_epsilon
+from privfl.defenses.accounting import ACCOUNTANTS, EpsilonReport
+from privfl.defenses.dpsgd import DPSGD
 from privfl.defenses.rng import NoiseSource, default_noise
 from privfl.fl.seeding import derive_seed
 from privfl.sharing.cvae import CVAE
@@ -82,7 +84,8 @@ class FederatedDPConfig:
             ``SeededNoise``) the DP noise.
         noise: where the DP-SGD noise comes from (default :class:`~privfl.defenses.rng.SecureNoise`;
             :class:`~privfl.defenses.rng.SeededNoise` makes a run reproducible and **not private**).
-        dp_accountant: opacus accountant for calibration and ε (``"rdp"``, ``"prv"``, ``"gdp"``).
+        dp_accountants: the accountants each client's ε is the tightest valid bound of (and
+            calibrated to): a subset of ``("rdp", "prv", "pld")``, all by default.
     """
 
     latent: int = 16
@@ -96,12 +99,12 @@ class FederatedDPConfig:
     max_grad_norm: float = 1.5
     seed: int = 0
     noise: NoiseSource = field(default_factory=default_noise)
-    dp_accountant: str = "rdp"
+    dp_accountants: tuple[str, ...] = ACCOUNTANTS
 
     def dpsgd(self) -> DPSGD:
         """The DP-SGD settings every client trains with: ``DPSGD(target_epsilon=epsilon, …)``."""
         return DPSGD(max_grad_norm=self.max_grad_norm, target_epsilon=self.epsilon, delta=self.delta,
-                     accountant=self.dp_accountant, noise=self.noise)
+                     accountants=self.dp_accountants, noise=self.noise)
 
 
 @dataclass
@@ -121,19 +124,25 @@ class FederatedDPResult:
     """What the federated DP generators (:func:`train_federated_dpcvae`, DP-CGAN) return besides their model.
 
     Attributes:
-        epsilons: per client, ε at ``delta`` of its whole history (``sample_level_epsilon``).
-        histories: per client, its DP-SGD events ``[(z, q, steps), …]`` (equal events merged).
+        epsilons: per client, ε of its whole training (``epsilon_reports[c].epsilon``).
+        accountant_states: per client, the ``state_dict()`` of its
+            :class:`~privfl.defenses.accounting.PrivacyAccountant` (one DP-SGD event per round;
+            JSON-able; ``DPSGD.make_accountant(state)`` restores it).
+        epsilon_reports: per client, the :class:`~privfl.defenses.accounting.EpsilonReport` of its
+            accountant (the tightest bound, every accountant's figure, the δ it holds at).
         sent: the keys of every message a client sent, one list per message, in the order sent
             (round 0 client 0, round 0 client 1, …, round 1 client 0, …).
         param_count: parameter counts of one model, by part, and ``"total"``.
         seconds: wall-clock time of the training.
-        delta: δ of ``epsilons``.
+        delta: δ the ``epsilons`` hold at (the largest over clients: the configured δ plus the
+            floating-point δ floor of the noise).
         losses: ``losses[r][c]``, client ``c``'s mean training loss in round ``r`` (noise-free,
             not covered by the DP guarantee).
     """
 
     epsilons: list[float]
-    histories: list[list[PrivacyEvent]]
+    accountant_states: list[dict[str, Any]]
+    epsilon_reports: list[EpsilonReport]
     sent: list[list[str]]
     param_count: dict[str, int]
     seconds: float
@@ -180,6 +189,21 @@ def fedavg_decoders(states: Sequence[dict[str, Tensor]], sizes: Sequence[int]) -
     rounding to each entry's dtype).
     """
     return _size_weighted(states, sizes, "decoder.")
+
+
+def _privacy_fields(dp: DPSGD, states: Sequence[dict[str, Any] | None],
+                    reports: Sequence[EpsilonReport | None]) -> dict[str, Any]:
+    """``epsilons``, ``accountant_states``, ``epsilon_reports`` and ``delta`` of a
+    :class:`FederatedDPResult` from each client's last accountant state and report."""
+    final_states, final_reports = [], []
+    for state, report in zip(states, reports):
+        if state is None or report is None:  # a client that never trained (no rounds): nothing spent
+            acct = dp.make_accountant()
+            state, report = acct.state_dict(), acct.epsilon()
+        final_states.append(state)
+        final_reports.append(report)
+    return {"epsilons": [r.epsilon for r in final_reports], "accountant_states": final_states,
+            "epsilon_reports": final_reports, "delta": max(r.delta for r in final_reports)}
 
 
 def _check_clients(clients: Sequence[tuple[Tensor, Tensor]], num_classes: int) -> int:
@@ -249,7 +273,8 @@ def train_federated_dpcvae(clients: Sequence[tuple[Tensor, Tensor]], num_classes
     global_decoder = _seeded(new_model, config.seed, "dpcvae-global").decoder_state()
     models = [_seeded(new_model, config.seed, "dpcvae-client", c) for c in range(len(clients))]
     sizes = [int(x.shape[0]) for x, _ in clients]
-    histories: list[list[PrivacyEvent]] = [[] for _ in clients]
+    states: list[dict[str, Any] | None] = [None for _ in clients]
+    reports: list[EpsilonReport | None] = [None for _ in clients]
     sent: list[list[str]] = []
     losses: list[list[float]] = []
     beta = float(config.beta)
@@ -269,8 +294,8 @@ def train_federated_dpcvae(clients: Sequence[tuple[Tensor, Tensor]], num_classes
                 res = train_dp(model, x, y, loss_fn, epochs=config.local_epochs, lr=config.lr,
                                batch_size=config.batch_size, dp=dp,
                                total_epochs=config.rounds * config.local_epochs,
-                               seed=derive_seed(config.seed, "dpcvae", r, c), history=histories[c])
-                histories[c] = res.history
+                               seed=derive_seed(config.seed, "dpcvae", r, c), accountant_state=states[c])
+                states[c], reports[c] = res.accountant_state, res.epsilon_report
                 message = model.decoder_state()
                 # --- what leaves the client ---
                 sent.append(list(message))
@@ -283,12 +308,10 @@ def train_federated_dpcvae(clients: Sequence[tuple[Tensor, Tensor]], num_classes
     final = _seeded(new_model, config.seed, "dpcvae-sampling-model")
     final.load_decoder_state(global_decoder)
     final.eval()
-    epsilons = [sample_level_epsilon(h, dp.delta, dp.accountant) for h in histories]
     counts = {"decoder": _param_count(final.decoder), "encoder": _param_count(final.encoder)}
     counts["total"] = counts["decoder"] + counts["encoder"]
-    return DPCVAEResult(global_decoder=global_decoder, model=final, epsilons=epsilons, histories=histories,
-                        sent=sent, param_count=counts, seconds=time.perf_counter() - t0, delta=dp.delta,
-                        losses=losses)
+    return DPCVAEResult(global_decoder=global_decoder, model=final, **_privacy_fields(dp, states, reports),
+                        sent=sent, param_count=counts, seconds=time.perf_counter() - t0, losses=losses)
 
 
 def _class_probs(class_probs: Sequence[float] | Tensor, num_classes: int) -> Tensor:

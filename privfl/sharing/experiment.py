@@ -194,9 +194,9 @@ def _generative(name: str, train: Callable[..., Any], sample: Callable[..., tupl
     mia = attack_summary(torch.cat(scores), torch.cat(members))
     return {"method": name, **_scores(probs, splits), "lambda": float(np.mean(lambdas)), "lambdas": lambdas,
             "epsilon": float(max(result.epsilons)), "per_client_epsilon": [float(e) for e in result.epsilons],
-            "accountant": config.dp_accountant,
-            "histories": [[list(map(float, e)) for e in h] for h in result.histories],
-            "delta": preset.delta, "fidelity_sliced_w1": float(np.mean(fidelity)),
+            "accountant": max(result.epsilon_reports, key=lambda r: r.epsilon).accountant,
+            "accountants": list(config.dp_accountants), "accountant_states": result.accountant_states,
+            "delta": result.delta, "fidelity_sliced_w1": float(np.mean(fidelity)),
             "fidelity_sliced_w1_std": float(np.std(fidelity)), "params": result.param_count,
             "mia": {"attack": "distance to closest synthetic record", **mia,
                     "per_client_auc": per_client_auc},

@@ -46,17 +46,19 @@ CRYPTO = ("none", "ckks", "secagg")
 
 def make_defense(sigma: float, clip: float, partial: bool, keys: CKKSKeys | None = None,
                  secagg: bool = False) -> Defense:
-    """FedDP's Eq. 11 (clip to C, add N(0, σ²)), optionally with the decoder kept local and either
+    """FedDP's Eq. 11 (clip to C, add N(0, σ²C²): σ is the noise multiplier), optionally with the
+    decoder kept local and either
     (client side, with ``keys``) CKKS encryption of what is sent or (both sides, ``secagg``)
     Bonawitz secure aggregation among 2-of-n clients. The noise comes from privfl's ChaCha20 source
     (secure); the accountant proves the ε."""
     stages: list[Defense] = [PartialSharing(share=["global_branch.*", "local_branch.*"])] if partial else []
     stages.append(FedDPNoise(sigma, clip))
-    # noised values exceed C: the crypto stage's range covers the noise (6 σ)
+    # noised values exceed C: the crypto stage's range covers the noise too (6 stds of σ·C)
+    bound = clip * (1 + 6 * sigma)
     if keys is not None:
-        stages.append(CKKSAggregation(keys.preset, keys=keys, bound=clip + 6 * sigma))
+        stages.append(CKKSAggregation(keys.preset, keys=keys, bound=bound))
     if secagg:
-        stages.append(SecureAggregation(2, clip_range=clip + 6 * sigma))
+        stages.append(SecureAggregation(2, clip_range=bound))
     return Compose(*stages)
 
 

@@ -47,7 +47,8 @@ class SweepSpec:
         delta: δ of every (ε, δ) reported.
         clip: L2 clip norm C of the Gaussian settings' client updates (update units; the L1 bound of
             the Laplace setting is ``clip`` too).
-        feddp_sigma, feddp_clip: FedDP's Eq. 11 (absolute noise std, clip), as published 0.5 and 0.05.
+        feddp_sigma, feddp_clip: FedDP's Eq. 11 (noise multiplier σ, noise std σ·C; clip C), as
+            published 0.5 and 0.05.
         ckks_clip: the L2 clip that gives CKKS its public bound on |value|; large, so that it does not
             bind on ordinary updates (no DP here: clipping would only slow training).
         seed: seeds the noise when ``seeded_noise``.
@@ -113,6 +114,12 @@ def encoder_patterns(model: nn.Module) -> list[str]:
 def _gaussian(placement: str, eps: float) -> Callable[[SweepSpec, nn.Module], Defense]:
     def build(spec: SweepSpec, model: nn.Module) -> Defense:
         z = calibrate(eps, spec.delta, spec.rounds)
+        threshold = max(2, spec.num_clients // 2 + 1)
+        if placement == "distributed":
+            # SecAgg(t) withstands t - 1 colluders, who subtract their own noise shares: calibrate so
+            # that what is left (the effective z) reaches the target
+            probe = GaussianMechanism(noise_multiplier=1.0, placement="distributed", colluders=threshold - 1)
+            z /= probe.effective_noise_multiplier(spec.round_context())
         mech = GaussianMechanism(noise_multiplier=z, sensitivity=spec.clip, placement=placement,  # type: ignore[arg-type]
                                  noise=spec.noise(f"gauss-{placement}"), max_epsilon=eps * (1 + 1e-6),
                                  accounting_delta=spec.delta)
@@ -120,8 +127,7 @@ def _gaussian(placement: str, eps: float) -> Callable[[SweepSpec, nn.Module], De
         if placement == "distributed":
             # the masked sum must hold the clipped update plus every client's noise share: ±(C + 6 std)
             std = mech.noise_std(spec.round_context(client_id=0))
-            stages.append(SecureAggregation(threshold=max(2, spec.num_clients // 2 + 1),
-                                            clip_range=spec.clip + 6 * std))
+            stages.append(SecureAggregation(threshold=threshold, clip_range=spec.clip + 6 * std))
         return Compose(*stages)
 
     return build
@@ -141,7 +147,7 @@ def _fixed(name: str) -> Setting | None:
         return Setting("none", "no defense", "the server sees every client's update", lambda s, m: NoDefense())
     if name == "feddp":
         return Setting("feddp", "FedDP (σ 0.5, C 0.05)",
-                       "local DP: each client clips to C and adds N(0, σ²) before sending (Eq. 11)",
+                       "local DP: each client clips to C and adds N(0, σ²C²) before sending (Eq. 11)",
                        lambda s, m: FedDPNoise(s.feddp_sigma, s.feddp_clip, noise=s.noise("feddp"),
                                                accounting_delta=s.delta))
     if name == "partial-encoders":
@@ -178,7 +184,8 @@ def get_setting(name: str) -> Setting:
     placement = kind.split("-")[1]
     threat = ("central DP: the server sees clipped updates, adds noise to the mean (trusted server)"
               if placement == "central" else
-              "distributed DP + secure aggregation: the server sees only the noised sum")
+              "distributed DP + secure aggregation: the server sees only the noised sum (ε holds against "
+              "t − 1 clients colluding with it)")
     return Setting(name, f"Gaussian {placement} ε={eps:g}", threat, _gaussian(placement, eps), eps)
 
 

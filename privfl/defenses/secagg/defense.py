@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from privfl.defenses.base import Defense, Payload, RoundContext
+from privfl.defenses.base import Defense, Payload, RoundContext, check_before_reveal
 from privfl.defenses.dp import ClipUpdate
 from privfl.defenses.secagg.errors import InsufficientClientsError, SecAggIntegrityError, SecAggProtocolError
 from privfl.defenses.secagg.protocol import (
@@ -231,6 +231,12 @@ class SecureAggregation(Defense):
 
     hides_individual_updates = True
 
+    @property
+    def tolerated_colluders(self) -> int:  # type: ignore[override]
+        """``threshold − 1``: fewer than ``t`` colluding clients cannot unmask an individual input, so
+        distributed noise in front of this stage is accounted against that many colluders."""
+        return self.threshold - 1
+
     def __init__(self, threshold: int, clip_range: float | None = None, *, scale_bits: int | None = None,
                  drop_before_unmask: Iterable[int] = (), block_words: int = DEFAULT_BLOCK_WORDS,
                  threads: int | None = None, keep_result: bool = False,
@@ -389,6 +395,8 @@ class SecureAggregation(Defense):
                                 "produced")
             s.accept(cid, receive_input(cid), s.count("masked_input", bytes(p)))
         request = server.unmask_request()
+        # the survivors are known and nothing is unmasked yet: a round that does not fit stops here
+        check_before_reveal(ctx, request.survivors, s.spec.numel)
         simulated_drops = self.drop_before_unmask if isinstance(s.transport, _InProcessClients) else set()
         s.run("unmask", dict.fromkeys([c for c in request.survivors if c not in simulated_drops],
                                       request.to_bytes()), server.receive_unmask_response)

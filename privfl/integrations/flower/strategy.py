@@ -33,7 +33,7 @@ from flwr.serverapp.strategy import Result, Strategy
 from torch import nn
 
 from privfl.defenses.base import Defense, Payload, RoundContext, with_survivors
-from privfl.defenses.ckks import CKKSPayloadError, CKKSServer
+from privfl.defenses.ckks import CKKSPayloadError, CKKSServer, payload_header
 from privfl.defenses.secagg import InsufficientClientsError, SecAggTransport
 from privfl.errors import PayloadTooLargeError, PrivflError
 from privfl.fl.client import clamp_running_variances
@@ -375,12 +375,15 @@ class PrivflStrategy(Strategy):
                                        f"{self.min_clients} (rejected: {rejected})") from None
             encrypted = self.ckks.aggregate(payloads, ctx.weights)
         survivors_ctx = with_survivors(ctx, payloads)
-        for stage in reversed(getattr(self.defense, "stages", (self.defense,))):
-            accountant = getattr(stage, "accountant", None)
-            if hasattr(stage, "event") and accountant is not None:
-                event = stage.event(survivors_ctx)
-                accountant.check_budget(event)
-                accountant.record(event)
+        numel = int(payload_header(encrypted, "encrypted aggregate")["numel"])
+        stages = [s for s in reversed(getattr(self.defense, "stages", (self.defense,)))
+                  if hasattr(s, "record_release")]
+        # the clients decrypt the aggregate once it is sent: check every noise stage before that,
+        # and record every one once it is to be sent (nothing revealed escapes the accountant)
+        for stage in stages:
+            stage.check_release(survivors_ctx, numel)
+        for stage in stages:
+            stage.record_release(survivors_ctx, numel)
         self.encrypted_aggregates.append(encrypted)
         return None, self._round_metrics(ctx, received, rejected, losses)
 
