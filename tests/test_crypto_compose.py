@@ -150,7 +150,7 @@ def test_colluders_and_dropouts_only_ever_lower_the_effective_noise(n, data):
     weights = tuple(w / sum(raw) for w in raw)
     ctx = RoundContext(0, n, tuple(range(n)), weights)
     survivors = tuple(sorted(data.draw(st.sets(st.integers(0, n - 1), min_size=1))))
-    seen = replace(ctx, extra={"survivors": survivors})
+    seen = replace(ctx, survivors=survivors)
     previous = math.inf
     for k in range(n):
         z = GaussianMechanism(noise_multiplier=1.0, placement="distributed", colluders=k).effective_noise_multiplier(seen)
@@ -173,7 +173,7 @@ def _budget_between_full_and_dropped(gauss, ctx, survivors):
 
     full, dropped = PrivacyAccountant(), PrivacyAccountant()
     full.record(gauss.event(ctx))
-    dropped.record(gauss.event(replace(ctx, extra={"survivors": survivors})))
+    dropped.record(gauss.event(replace(ctx, survivors=survivors)))
     lo, hi = full.epsilon().epsilon, dropped.epsilon().epsilon
     assert lo < hi
     return (lo + hi) / 2, hi
@@ -233,7 +233,7 @@ def test_whatever_survives_a_round_is_either_refused_unrevealed_or_recorded_with
 
     n = 5
     ctx = RoundContext(0, n, tuple(range(n)), (0.2,) * n)
-    seen = replace(ctx, extra={"survivors": tuple(sorted(alive))})
+    seen = replace(ctx, survivors=tuple(sorted(alive)))
     probe = GaussianMechanism(noise_multiplier=1.0, placement="distributed", colluders=colluders)
     lo, hi = _budget_between_full_and_dropped(probe, ctx, (0, 1, 2))
     budget = lo * (1 - fraction) + hi * fraction

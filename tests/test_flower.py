@@ -272,7 +272,7 @@ def test_secure_aggregation_on_flower_rejects_a_tampered_masked_input(caplog):
     def epsilon_with(survivors):  # the accountant of ROUNDS rounds whose mean carries these inputs' noise
         noise = DEFENSES["secagg+distributed"]().stages[1]
         for r in range(ROUNDS):
-            noise.accountant.record(noise.event(replace(strategy._ctx, round=r, extra={"survivors": survivors})))
+            noise.accountant.record(noise.event(replace(strategy._ctx, round=r, survivors=survivors)))
         return noise.accountant.epsilon().epsilon
 
     assert strategy.accountant.epsilon().epsilon == pytest.approx(epsilon_with((0, 1)), rel=1e-9)

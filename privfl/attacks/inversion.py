@@ -75,7 +75,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from privfl.fl.seeding import derive_seed
+from privfl.seeding import derive_seed
 from privfl.models.losses import CEDiceLoss, DHUNetLoss, default_loss
 from privfl.updates import InvalidUpdateError, Update
 

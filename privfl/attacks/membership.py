@@ -55,7 +55,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from privfl.fl.seeding import derive_seed
+from privfl.seeding import derive_seed
 
 __all__ = [
     "FederatedTrainer",

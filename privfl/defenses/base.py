@@ -18,14 +18,12 @@ parameters kept local by partial sharing) leave the global state unchanged.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from privfl.defenses.accounting import PrivacyAccountant
 from privfl.updates import Update, clone, weighted_mean
-
-if TYPE_CHECKING:
-    from privfl.defenses.accounting import PrivacyAccountant
 
 Payload = Any
 """What a client sends: an :data:`~privfl.updates.Update` or an opaque object (e.g. ciphertext bytes)."""
@@ -47,6 +45,12 @@ class RoundContext:
             privfl's server reports, because it samples a fixed number of clients, which is not
             Poisson sampling.
         extra: free-form facts for custom defenses.
+        survivors: server side, once known: the sampled clients whose payload is in the aggregate
+            (set by :class:`Compose` and :func:`with_survivors`); ``None``: all of ``sampled``.
+            Noise stages account what the survivors' aggregate really carries.
+        before_reveal: server side, set by :class:`Compose` for its aggregating stage: the check to
+            run once the survivors are known and before the aggregate is revealed (see
+            :func:`check_before_reveal`).
     """
 
     round: int
@@ -57,6 +61,8 @@ class RoundContext:
     seed: int = 0
     sampling_rate: float = 1.0
     extra: dict[str, Any] = field(default_factory=dict)
+    survivors: tuple[int, ...] | None = None
+    before_reveal: Callable[[tuple[int, ...], int], None] | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if len(self.sampled) != len(self.weights):
@@ -97,6 +103,12 @@ class Defense(ABC):
     tolerated_colluders: int = 0
     aggregated_clients: tuple[int, ...] | None = None
 
+    def bind(self, before: Sequence[Defense], after: Sequence[Defense]) -> None:
+        """Called once by :class:`Compose` with the stages written before and after this one, e.g. to
+        take the clip norm from a preceding :class:`~privfl.defenses.dp.ClipUpdate` or the colluders
+        a following secure aggregator tolerates. Default: nothing."""
+        return None
+
     def before_round(self, ctx: RoundContext) -> None:
         """Server side, before any client trains: refuse the round (raise) if it must not run, e.g.
         :class:`~privfl.defenses.accounting.PrivacyBudgetExceeded`. Default: nothing to check."""
@@ -119,7 +131,7 @@ class Defense(ABC):
         return global_state
 
     def check_release(self, ctx: RoundContext, numel: int) -> None:
-        """Server side, once the survivors are known (``ctx.extra["survivors"]``) and before the
+        """Server side, once the survivors are known (``ctx.survivors``) and before the
         aggregate of ``numel`` values is revealed (unmasked, decrypted): raise to abort the round with
         nothing revealed, e.g. :class:`~privfl.defenses.accounting.PrivacyBudgetExceeded` when the
         survivors' noise does not fit the budget. Default: nothing to check."""
@@ -154,12 +166,12 @@ class NoDefense(Defense):
 
 
 def with_survivors(ctx: RoundContext, payloads: Sequence[Payload]) -> RoundContext:
-    """``ctx`` with ``extra["survivors"]``: the sampled clients whose payload arrived (not ``None``).
+    """``ctx`` with ``survivors``: the sampled clients whose payload arrived (not ``None``).
     Noise stages use it to account what the survivors' aggregate really carries."""
     if len(payloads) != len(ctx.sampled):
         raise ValueError(f"{len(payloads)} payloads for {len(ctx.sampled)} sampled clients")
     survivors = tuple(c for c, p in zip(ctx.sampled, payloads) if p is not None)
-    return replace(ctx, extra={**ctx.extra, "survivors": survivors})
+    return replace(ctx, survivors=survivors)
 
 
 def check_before_reveal(ctx: RoundContext, survivors: Sequence[int], numel: int) -> None:
@@ -167,9 +179,8 @@ def check_before_reveal(ctx: RoundContext, survivors: Sequence[int], numel: int)
     aggregate (``survivors``) are known and **before** unmasking or decrypting the aggregate of
     ``numel`` values. Runs the check :class:`Compose` installs (every earlier stage's
     :meth:`Defense.check_release`); raises to abort the round with nothing revealed."""
-    guard = ctx.extra.get("before_reveal")
-    if guard is not None:
-        guard(tuple(survivors), int(numel))
+    if ctx.before_reveal is not None:
+        ctx.before_reveal(tuple(survivors), int(numel))
 
 
 class Compose(Defense):
@@ -197,9 +208,7 @@ class Compose(Defense):
                 raise TypeError(f"Compose: stage {i} is {type(stage).__name__}, not a Defense")
         self.stages: tuple[Defense, ...] = stages
         for i, stage in enumerate(stages):
-            bind = getattr(stage, "bind", None)
-            if callable(bind):
-                bind(stages[:i], stages[i + 1:])
+            stage.bind(stages[:i], stages[i + 1:])
 
     @property
     def hides_individual_updates(self) -> bool:  # type: ignore[override]
@@ -213,8 +222,6 @@ class Compose(Defense):
             return None
         if len(accountants) == 1:
             return accountants[0]
-        from privfl.defenses.accounting import PrivacyAccountant
-
         return PrivacyAccountant.merge(*accountants)
 
     def before_round(self, ctx: RoundContext) -> None:
@@ -244,13 +251,13 @@ class Compose(Defense):
         earlier = self.stages[:-1]
 
         def before_reveal(survivors: tuple[int, ...], numel: int) -> None:
-            seen = replace(ctx, extra={**ctx.extra, "survivors": survivors})
+            seen = replace(ctx, survivors=survivors)
             for stage in earlier:
                 stage.check_release(seen, numel)
 
-        mean_update = last.aggregate(payloads, replace(ctx, extra={**ctx.extra, "before_reveal": before_reveal}))
+        mean_update = last.aggregate(payloads, replace(ctx, before_reveal=before_reveal))
         if last.aggregated_clients is not None:  # it dropped some: account only what the mean carries
-            ctx = replace(ctx, extra={**ctx.extra, "survivors": tuple(last.aggregated_clients)})
+            ctx = replace(ctx, survivors=tuple(last.aggregated_clients))
         for stage in reversed(self.stages[:-1]):
             mean_update = stage.finalize(mean_update, ctx)
         return mean_update

@@ -93,7 +93,7 @@ def clip_vector(vec: torch.Tensor, max_norm: float, p: float = 2.0) -> torch.Ten
 
 def _survivor_weights(ctx: RoundContext) -> list[float]:
     """Aggregation weights of the clients whose payload arrived (all sampled ones if unknown)."""
-    survivors = ctx.extra.get("survivors")
+    survivors = ctx.survivors
     if survivors is None:
         return list(ctx.weights)
     return [ctx.weight_of(c) for c in survivors]
@@ -174,7 +174,7 @@ class _NoiseMechanism(Defense):
     # -- the round's release: checked before it is revealed, recorded once it is -----------------
 
     def check_release(self, ctx: RoundContext, numel: int) -> None:
-        """Server side, once the survivors are known (``ctx.extra["survivors"]``) and **before** the
+        """Server side, once the survivors are known (``ctx.survivors``) and **before** the
         aggregate is unmasked, decrypted or noised: raise :class:`PrivacyBudgetExceeded` (or
         :class:`~privfl.defenses.accounting.DeltaFloorError`) if this round's release does not fit,
         so that the round is aborted with nothing revealed."""

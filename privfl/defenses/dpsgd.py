@@ -101,7 +101,7 @@ from privfl.defenses.accounting import ACCOUNTANTS, EpsilonReport, PrivacyAccoun
 from privfl.defenses.calibration import check_sample_rate
 from privfl.defenses.rng import NoiseSource, default_noise
 from privfl.fl.client import Augment, ClientConfig, _Augmented, load_state, scheduled_batches, trainable_state
-from privfl.fl.seeding import derive_seed
+from privfl.seeding import derive_seed
 from privfl.models.dp_compat import check_private_compatible
 from privfl.models.losses import per_sample_loss
 from privfl.updates import Update

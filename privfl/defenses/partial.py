@@ -34,7 +34,7 @@ reduces what is sent, not what can be inferred from what is sent:
 * In fraction mode with ``select="topk"`` the *selection itself* is data-dependent: which
   coordinates are the largest leaks information about the client's data, on top of their values.
   ``select="random"`` is data-independent; its choice is seeded from (seed, round, client) with
-  :func:`~privfl.fl.seeding.derive_seed` and is **not secret** (anyone who knows the seed knows
+  :func:`~privfl.seeding.derive_seed` and is **not secret** (anyone who knows the seed knows
   which coordinates were shared) — it does not need to be, since it says nothing about the data.
 * The local part is exposed to whoever sees the client's model (the deployed personalised model,
   the client's machine, checkpoints — see :meth:`state_dict`).
@@ -62,7 +62,7 @@ from typing import Any, Literal
 import torch
 
 from privfl.defenses.base import Defense, Payload, RoundContext
-from privfl.fl.seeding import torch_generator
+from privfl.seeding import torch_generator
 from privfl.updates import InvalidUpdateError, Update, apply, flatten, weighted_mean
 
 Selection = Literal["topk", "random"]

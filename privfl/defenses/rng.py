@@ -7,7 +7,7 @@ Every mechanism in :mod:`privfl.defenses.dp` draws its noise from a :class:`Nois
   be predicted or replayed by anyone who does not hold that key, even after seeing any amount of
   earlier noise.
 - :class:`SeededNoise`: ``torch.Generator`` (Mersenne Twister) seeded from ``(seed, *key)`` with
-  :func:`~privfl.fl.seeding.derive_seed`. Reproducible, fast, and **not secure**.
+  :func:`~privfl.seeding.derive_seed`. Reproducible, fast, and **not secure**.
 
 Why ``torch.randn`` / the Mersenne Twister is not acceptable for real deployments
 ---------------------------------------------------------------------------------
@@ -78,7 +78,7 @@ import torch
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from torch import Tensor
 
-from privfl.fl.seeding import derive_seed
+from privfl.seeding import derive_seed
 from privfl.parallel import run_blocks
 
 __all__ = ["GAUSSIAN_MAX_RADIUS", "LAPLACE_MAX_MAGNITUDE", "NoiseSource", "SecureNoise", "SeededNoise",

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from privfl.fl.seeding import derive_seed, torch_generator
+from privfl.seeding import derive_seed, torch_generator
 from privfl.models.losses import CEDiceLoss
 from privfl.updates import Update
 

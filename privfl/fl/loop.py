@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
@@ -32,9 +31,10 @@ from privfl.fl.client import (
 )
 from privfl.fl.device import make_fabric, prepare_model
 from privfl.fl.evaluate import evaluate
-from privfl.fl.seeding import derive_seed
 from privfl.fl.server import Server
 from privfl.models.losses import default_loss
+from privfl.progress import progress_bar
+from privfl.seeding import derive_seed
 from privfl.updates import Update, global_l2_norm
 
 if TYPE_CHECKING:
@@ -216,9 +216,7 @@ def run_federated(
             dp_states = {int(c): state for c, state in ckpt.get("dp_sgd", {}).items()}
             start = ckpt["round"] + 1
 
-    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-               TextColumn("{task.fields[info]}"))
-    with Progress(*columns, disable=not progress, transient=False) as bar:
+    with progress_bar(progress, status="{task.fields[info]}") as bar:
         t_rounds = bar.add_task("rounds", total=rounds, completed=start, info="")
         t_clients = bar.add_task("clients", total=len(clients), info="")
         for r in range(start, rounds):

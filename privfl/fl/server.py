@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from privfl.defenses.base import Defense, Payload, RoundContext
-from privfl.fl.seeding import derive_seed
+from privfl.seeding import derive_seed
 from privfl.updates import InvalidUpdateError, Update, apply, validate
 
 

@@ -72,7 +72,7 @@ from privfl.defenses.dpsgd import (
     poisson_loader,
     round_delta_floor,
 )
-from privfl.fl.seeding import derive_seed
+from privfl.seeding import derive_seed
 
 __all__ = ["OPTIMIZERS", "DPTrainResult", "train_dp"]
 

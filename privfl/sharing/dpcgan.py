@@ -56,7 +56,7 @@ from torch import Tensor, nn
 
 from privfl.defenses.accounting import EpsilonReport
 from privfl.defenses.dpsgd import DPSGD
-from privfl.fl.seeding import derive_seed
+from privfl.seeding import derive_seed
 from privfl.sharing.dp_training import OPTIMIZERS, DPTrainResult, train_dp
 from privfl.sharing.dpcvae import (
     FederatedDPConfig,

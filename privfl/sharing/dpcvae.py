@@ -53,10 +53,10 @@ from torch import Tensor, nn
 from privfl.defenses.accounting import ACCOUNTANTS, EpsilonReport
 from privfl.defenses.dpsgd import DPSGD
 from privfl.defenses.rng import NoiseSource, default_noise
-from privfl.fl.seeding import derive_seed
+from privfl.seeding import derive_seed
 from privfl.sharing.cvae import CVAE
 from privfl.sharing.dp_training import train_dp
-from privfl.sharing.progress import progress_bar
+from privfl.progress import progress_bar
 from privfl.updates import weighted_mean
 
 _M = TypeVar("_M", bound=nn.Module)

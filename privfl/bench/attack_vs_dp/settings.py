@@ -68,7 +68,7 @@ class SweepSpec:
     def noise(self, stream: str) -> NoiseSource:
         if not self.seeded_noise:
             return SecureNoise()
-        from privfl.fl.seeding import derive_seed
+        from privfl.seeding import derive_seed
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from privfl.sharing.dsl.protocol import DSLServer
 from privfl.sharing.dsl.train import DSLConfig, DSLResult, SiteData, _Run, seeded_rng
-from privfl.sharing.progress import progress_bar
+from privfl.progress import progress_bar
 
 __all__ = ["average_states", "train_fedavg_gan"]
 

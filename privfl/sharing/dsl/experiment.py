@@ -45,7 +45,7 @@ from privfl.attacks.membership import LossThreshold
 from privfl.attacks.metrics import attack_summary, psnr
 from privfl.attacks.synthetic import distance_to_closest_record
 from privfl.defenses.rng import NoiseSource
-from privfl.fl.seeding import derive_seed
+from privfl.seeding import derive_seed
 from privfl.sharing.dsl.baselines import train_fedavg_gan
 from privfl.sharing.dsl.defense import ClipAndNoise
 from privfl.sharing.dsl.fid import FeatureStats, dist_fid, feature_stats, fid, fid_extractor, pooled_stats

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from privfl.fl.seeding import derive_seed
+from privfl.seeding import derive_seed
 from privfl.sharing.dsl.networks import MaskToImageGenerator
 from privfl.sharing.dsl.protocol import (
     DSLServer,
@@ -49,7 +49,7 @@ from privfl.sharing.dsl.protocol import (
     message_bytes,
     modality_weights,
 )
-from privfl.sharing.progress import progress_bar
+from privfl.progress import progress_bar
 
 __all__ = ["DSLConfig", "DSLResult", "Observer", "SiteData", "synthesize", "train_cl_dsl", "train_dsl"]
 

@@ -1,12 +1,15 @@
 """Deterministic seeds derived from (experiment seed, round, client, purpose).
 
 Every source of randomness in a round is seeded from these, never from global state carried
-between rounds, so a run resumed from a checkpoint replays exactly.
+between rounds, so a run resumed from a checkpoint replays exactly. A leaf module: every layer of
+privfl may import it.
 """
 
 from __future__ import annotations
 
 import zlib
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
 
 import numpy as np
 import torch
@@ -25,3 +28,19 @@ def derive_seed(*parts: int | str) -> int:
 def torch_generator(*parts: int | str) -> torch.Generator:
     """A CPU ``torch.Generator`` seeded with :func:`derive_seed`."""
     return torch.Generator().manual_seed(derive_seed(*parts))
+
+
+@contextmanager
+def torch_seeded(seed: int, *, cuda: bool = False) -> Iterator[None]:
+    """Run a block with torch's global RNG seeded with ``seed`` (dropout, random init, batch draws),
+    restoring the caller's RNG state afterwards, so that the block neither depends on nor disturbs
+    what ran before it. ``cuda=True`` also forks (and seeds) the current CUDA device's generator."""
+    devices = [torch.cuda.current_device()] if cuda and torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+def seeded(*parts: int | str, cuda: bool = False) -> AbstractContextManager[None]:
+    """:func:`torch_seeded` with the seed ``derive_seed(*parts)``."""
+    return torch_seeded(derive_seed(*parts), cuda=cuda)
