@@ -32,8 +32,15 @@ test-slow: $(STAMP)
 test-deployment: $(STAMP)
 	$(BIN)/python -m pytest -q -m deployment
 
+# ruff's lint rules (E501 at the configured line length included) and its formatting; CI runs both
 lint: $(STAMP)
-	$(BIN)/ruff check privfl tests benchmarks
+	$(BIN)/ruff check privfl tests benchmarks examples
+	$(BIN)/ruff format --check privfl tests benchmarks examples
+
+# rewrite the tree in ruff's format (what `make lint` checks)
+.PHONY: format
+format: $(STAMP)
+	$(BIN)/ruff format privfl tests benchmarks examples
 
 # mypy on privfl/, configured in pyproject.toml ([tool.mypy]).
 .PHONY: typecheck

@@ -28,6 +28,11 @@ privfl.sharing
     FedAvg-GAN, FID and Dist-FID).
 privfl.audit
     ``audit_mechanism`` / ``audit_defense``: an empirical DP audit against the accountant's ε.
+privfl.experiments
+    The experiments behind the benchmarks, each returning a JSON-ready record: membership inference
+    vs DP-SGD (``experiments.membership``: ``run_membership_experiment``, ``FederatedTrainer``), the
+    attack-vs-dp sweep (``experiments.attack_vs_dp``), the DP-CVAE and DSL comparisons
+    (``experiments.dpcvae``, ``experiments.dsl``).
 privfl.data, privfl.models, privfl.metrics
     ``SyntheticHistology`` and ``MultiStainHistology`` (no download), ``partition``;
     ``build_model`` (``unet``, ``unet-tiny``, ``dhunet``, ``dhunet-tiny``); Dice, Jaccard, pixel
@@ -35,7 +40,8 @@ privfl.data, privfl.models, privfl.metrics
 privfl.integrations.flower
     ``PrivflClient`` / ``PrivflStrategy``: the same defenses and accountant inside Flower.
 privfl.bench
-    ``python -m privfl.bench <job>``: the attack-vs-dp job, benchmarks, the ε calculator.
+    ``python -m privfl.bench <job>``: the attack-vs-dp job, benchmarks, the ε calculator (the command
+    line, presets, tables and reports around ``privfl.experiments``).
 privfl.errors
     ``PrivflError``: the base of every exception privfl raises on bad input or a failed protocol.
 

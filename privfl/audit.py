@@ -38,18 +38,19 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Mapping
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 import torch
 from scipy.stats import beta as _beta
 
+from privfl.defenses.base import Defense, RoundContext
+from privfl.progress import progress_bar
+from privfl.seeding import torch_seeded
 from privfl.updates import flatten, unflatten
-
-if TYPE_CHECKING:
-    from privfl.defenses.base import Defense, RoundContext
 
 __all__ = [
     "AuditResult",
@@ -201,18 +202,28 @@ class AuditResult:
         return d
 
     def __str__(self) -> str:
-        conf = f"{self.confidence:.0%}" if round(self.confidence * 100, 6).is_integer() else f"{self.confidence:g}"
-        head = f"DP audit: ε ≥ {self.epsilon_lower_bound:.4g} at δ={self.delta:g} ({conf} confidence, " \
-               f"{self.trials} trials per input)"
+        conf = (
+            f"{self.confidence:.0%}"
+            if round(self.confidence * 100, 6).is_integer()
+            else f"{self.confidence:g}"
+        )
+        head = (
+            f"DP audit: ε ≥ {self.epsilon_lower_bound:.4g} at δ={self.delta:g} ({conf} confidence, "
+            f"{self.trials} trials per input)"
+        )
         if self.claimed_epsilon is None:
             verdict = "no claimed ε to compare with"
         elif self.violated:
-            verdict = f"claimed ε = {self.claimed_epsilon:g}: VIOLATED — the mechanism or its accounting is broken"
+            verdict = (
+                f"claimed ε = {self.claimed_epsilon:g}: VIOLATED — the mechanism or its accounting is broken"
+            )
         else:
             verdict = f"claimed ε = {self.claimed_epsilon:g}: consistent (this is no proof of privacy)"
         op = ">" if self.direction >= 0 else "<"
-        test = (f"test: guess x1 if statistic {op} {self.threshold:.6g}; held-out FPR {self.fpr:.4g} "
-                f"(≤ {self.fpr_upper:.4g}), FNR {self.fnr:.4g} (≤ {self.fnr_upper:.4g})")
+        test = (
+            f"test: guess x1 if statistic {op} {self.threshold:.6g}; held-out FPR {self.fpr:.4g} "
+            f"(≤ {self.fpr_upper:.4g}), FNR {self.fnr:.4g} (≤ {self.fnr_upper:.4g})"
+        )
         return f"{head}\n  {verdict}\n  {test}"
 
 
@@ -221,19 +232,23 @@ class AuditResult:
 # --------------------------------------------------------------------------------------------
 
 
-def _check_inputs(x0: Tensor, x1: Tensor, trials: int, delta: float, claimed_epsilon: float | None,
-                  confidence: float) -> None:
+def _check_inputs(
+    x0: Tensor, x1: Tensor, trials: int, delta: float, claimed_epsilon: float | None, confidence: float
+) -> None:
     if not isinstance(x0, torch.Tensor) or not isinstance(x1, torch.Tensor):
         raise TypeError(f"audit: x0 and x1 must be tensors, got {type(x0).__name__} and {type(x1).__name__}")
     if x0.shape != x1.shape:
-        raise ValueError(f"audit: x0 and x1 must have the same shape, got {tuple(x0.shape)} and {tuple(x1.shape)}")
+        raise ValueError(
+            f"audit: x0 and x1 must have the same shape, got {tuple(x0.shape)} and {tuple(x1.shape)}"
+        )
     if x0.numel() == 0:
         raise ValueError("audit: x0 and x1 are empty")
     if not (torch.isfinite(x0).all() and torch.isfinite(x1).all()):
         raise ValueError("audit: x0 and x1 must be finite")
     if isinstance(trials, bool) or not isinstance(trials, (int, np.integer)) or trials < 2:
-        raise ValueError(f"audit: trials must be an integer >= 2 (half choose the threshold, half test it), "
-                         f"got {trials!r}")
+        raise ValueError(
+            f"audit: trials must be an integer >= 2 (half choose the threshold, half test it), got {trials!r}"
+        )
     if not (isinstance(delta, (int, float, np.floating)) and 0.0 < float(delta) < 1.0):
         raise ValueError(f"audit: delta must be in (0, 1), got {delta!r}")
     if claimed_epsilon is not None and not (float(claimed_epsilon) >= 0.0):
@@ -277,8 +292,13 @@ def _run_trials(
     return s0, s1
 
 
-def choose_threshold(a: np.ndarray, b: np.ndarray, delta: float, confidence: float = 0.95,
-                     directions: tuple[int, ...] = (1, -1)) -> tuple[float, int]:
+def choose_threshold(
+    a: np.ndarray,
+    b: np.ndarray,
+    delta: float,
+    confidence: float = 0.95,
+    directions: tuple[int, ...] = (1, -1),
+) -> tuple[float, int]:
     """Threshold and direction of the test "guess ``b`` (x1, member) if direction·s > t" that
     maximises the ε lower bound on these samples (``a``: scores under x0, ``b``: under x1).
 
@@ -382,8 +402,10 @@ def audit_mechanism(
         if statistic is not None:
             return float(statistic(y))
         if y.numel() != d:
-            raise ValueError(f"audit: the mechanism returned {y.numel()} entries for an input of {d}; "
-                             "the default statistic needs the same number (or pass statistic=)")
+            raise ValueError(
+                f"audit: the mechanism returned {y.numel()} entries for an input of {d}; "
+                "the default statistic needs the same number (or pass statistic=)"
+            )
         return float(y.detach().reshape(-1).to(device=direction.device, dtype=torch.float64) @ direction)
 
     split = torch.Generator()
@@ -391,19 +413,18 @@ def audit_mechanism(
         split.manual_seed(int(seed))
     else:
         split.seed()
-    cuda_devices = [x0.device.index if x0.device.index is not None else torch.cuda.current_device()] \
-        if x0.is_cuda else []
-
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    with torch.random.fork_rng(devices=cuda_devices, enabled=seed is not None), \
-            Progress(TextColumn("DP audit"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                     disable=not progress, transient=False) as bar:
-        if seed is not None:
-            torch.manual_seed(int(seed))
+    seeded_block = torch_seeded(int(seed), device=x0.device) if seed is not None else nullcontext()
+    with seeded_block, progress_bar(progress, "DP audit", status=None) as bar:
         task = bar.add_task("audit", total=2 * trials)
-        s0, s1 = _run_trials(mechanism, batched, (x0.detach(), x1.detach()), trials, batch_stat, single_stat,
-                             lambda m: bar.advance(task, m))
+        s0, s1 = _run_trials(
+            mechanism,
+            batched,
+            (x0.detach(), x1.detach()),
+            trials,
+            batch_stat,
+            single_stat,
+            lambda m: bar.advance(task, m),
+        )
 
     half = trials // 2
     p0 = torch.randperm(trials, generator=split).numpy()
@@ -462,15 +483,15 @@ def audit_defense(
             ``confidence``, ``statistic`` — which then receives the flat output vector —, ``seed``,
             ``progress``).
     """
-    from privfl.defenses.base import RoundContext
-
     if "batched" in kw:
         raise TypeError("audit_defense: a Defense runs one trial at a time; 'batched' is not supported")
     if ctx is None:
         ctx = RoundContext(round=0, num_clients=1, sampled=(0,), weights=(1.0,))
     if len(ctx.sampled) != 1:
-        raise ValueError(f"audit_defense: ctx must describe a round with exactly one sampled client, "
-                         f"got sampled={ctx.sampled}")
+        raise ValueError(
+            f"audit_defense: ctx must describe a round with exactly one sampled client, "
+            f"got sampled={ctx.sampled}"
+        )
     cid = ctx.client_id if ctx.client_id is not None else ctx.sampled[0]
     if cid not in ctx.sampled:
         raise ValueError(f"audit_defense: ctx.client_id={cid} is not the sampled client {ctx.sampled}")
@@ -494,9 +515,12 @@ def audit_defense(
         extra = [k for k in out if k not in spec.keys]
         if extra:
             raise ValueError(f"audit_defense: the defense returned keys not in the update: {extra[:5]}")
-        parts = [out[e.name].detach().reshape(-1).to(device=vec.device, dtype=torch.float64)
-                 if e.name in out else torch.zeros(e.numel, dtype=torch.float64, device=vec.device)
-                 for e in spec.entries]
+        parts = [
+            out[e.name].detach().reshape(-1).to(device=vec.device, dtype=torch.float64)
+            if e.name in out
+            else torch.zeros(e.numel, dtype=torch.float64, device=vec.device)
+            for e in spec.entries
+        ]
         return torch.cat(parts)
 
     try:

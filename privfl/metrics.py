@@ -68,7 +68,8 @@ def _check_labels(name: str, t: torch.Tensor, num_classes: int) -> torch.Tensor:
         lo, hi = int(t.min()), int(t.max())
         if lo < 0 or hi >= num_classes:
             raise ValueError(
-                f"{name} has label values in [{lo}, {hi}], outside [0, {num_classes}) for num_classes={num_classes}"
+                f"{name} has label values in [{lo}, {hi}], outside [0, {num_classes}) for "
+                f"num_classes={num_classes}"
             )
     return t
 

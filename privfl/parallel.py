@@ -16,8 +16,12 @@ def default_threads(threads: int | None) -> int:
     return max(1, int(threads) if threads is not None else torch.get_num_threads())
 
 
-def run_blocks(n_blocks: int, work: Callable[[int, Any], None], make_scratch: Callable[[], Any],
-               threads: int | None = None) -> None:
+def run_blocks(
+    n_blocks: int,
+    work: Callable[[int, Any], None],
+    make_scratch: Callable[[], Any],
+    threads: int | None = None,
+) -> None:
     """Call ``work(i, scratch)`` for every block ``i < n_blocks`` on up to ``threads`` threads (the
     caller's thread is one of them); each thread gets its own ``make_scratch()`` and takes the next
     block when it finishes one. The first exception stops the other threads and is re-raised."""

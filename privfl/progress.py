@@ -9,8 +9,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 __all__ = ["progress_bar"]
 
 
-def progress_bar(enabled: bool, label: str = "{task.description}", *, status: str | None = "{task.fields[status]}",
-                 console: Console | None = None) -> Progress:
+def progress_bar(
+    enabled: bool,
+    label: str = "{task.description}",
+    *,
+    status: str | None = "{task.fields[status]}",
+    console: Console | None = None,
+) -> Progress:
     """A ``Progress`` with the columns label, bar, ``done/total``, elapsed time and ``status``.
 
     ``label`` and ``status`` are rich format strings (``{task.description}``,

@@ -31,11 +31,18 @@ def torch_generator(*parts: int | str) -> torch.Generator:
 
 
 @contextmanager
-def torch_seeded(seed: int, *, cuda: bool = False) -> Iterator[None]:
+def torch_seeded(
+    seed: int, *, cuda: bool = False, device: torch.device | str | None = None
+) -> Iterator[None]:
     """Run a block with torch's global RNG seeded with ``seed`` (dropout, random init, batch draws),
     restoring the caller's RNG state afterwards, so that the block neither depends on nor disturbs
-    what ran before it. ``cuda=True`` also forks (and seeds) the current CUDA device's generator."""
-    devices = [torch.cuda.current_device()] if cuda and torch.cuda.is_available() else []
+    what ran before it. ``cuda=True`` also forks (and seeds) the current CUDA device's generator;
+    ``device`` a CUDA device forks that device's generator instead (it need not be the current one)."""
+    dev = torch.device(device) if device is not None else None
+    if dev is not None and dev.type == "cuda":
+        devices = [dev.index if dev.index is not None else torch.cuda.current_device()]
+    else:
+        devices = [torch.cuda.current_device()] if cuda and torch.cuda.is_available() else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         yield

@@ -648,7 +648,8 @@ def flatten_floating(update: object, what: str, *, finite: bool = True) -> tuple
         if not t.dtype.is_floating_point:
             raise InvalidUpdateError(
                 f"{what}: update[{k!r}] has dtype {t.dtype}; only floating entries are protected — "
-                "drop integer/bool buffers (e.g. num_batches_tracked) from the update first")
+                "drop integer/bool buffers (e.g. num_batches_tracked) from the update first"
+            )
     vec, spec = flatten(update)
     if finite and not bool(torch.isfinite(vec).all()):
         bad = [k for k, t in update.items() if not bool(torch.isfinite(t).all())]

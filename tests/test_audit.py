@@ -21,7 +21,8 @@ from privfl.defenses.base import Defense, Payload, RoundContext
 from privfl.updates import Update, weighted_mean
 
 DELTA = 1e-5
-#: Analytic Gaussian (Balle & Wang 2018), Δ=1, ε=1, δ=1e-5 (DESIGN.md oracle).
+#: Analytic Gaussian (Balle & Wang 2018), Δ=1, ε=1, δ=1e-5 (the oracle in benchmarks/RESULTS.md,
+#: "Accountant oracles").
 SIGMA_EPS1 = 3.730632
 
 
@@ -51,6 +52,7 @@ def test_reference_gaussian_epsilon_matches_design_oracle():
 def gaussian_batched(sigma: float, gen: torch.Generator):
     def batched(x: torch.Tensor, n: int) -> torch.Tensor:
         return x.reshape(1, -1) + sigma * torch.randn(n, x.numel(), generator=gen, dtype=x.dtype)
+
     return batched
 
 
@@ -58,6 +60,7 @@ def laplace_batched(b: float, gen: torch.Generator):
     def batched(x: torch.Tensor, n: int) -> torch.Tensor:
         u = torch.rand(n, x.numel(), generator=gen, dtype=torch.float64) - 0.5
         return x.reshape(1, -1) - b * torch.sign(u) * torch.log1p(-2 * u.abs())
+
     return batched
 
 
@@ -66,12 +69,15 @@ def laplace_batched(b: float, gen: torch.Generator):
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("k,n,conf,lo,hi", [
-    (0, 10, 0.95, 0.0, 0.3084971),           # 1 - 0.025**(1/10)
-    (10, 10, 0.95, 0.6915029, 1.0),
-    (5, 10, 0.95, 0.1870860, 0.8129140),     # R: binom.test(5, 10)
-    (1, 100, 0.95, 0.0002531460, 0.0544593854),
-])
+@pytest.mark.parametrize(
+    "k,n,conf,lo,hi",
+    [
+        (0, 10, 0.95, 0.0, 0.3084971),  # 1 - 0.025**(1/10)
+        (10, 10, 0.95, 0.6915029, 1.0),
+        (5, 10, 0.95, 0.1870860, 0.8129140),  # R: binom.test(5, 10)
+        (1, 100, 0.95, 0.0002531460, 0.0544593854),
+    ],
+)
 def test_clopper_pearson_known_values(k, n, conf, lo, hi):
     got = clopper_pearson(k, n, conf)
     assert got[0] == pytest.approx(lo, abs=2e-7)
@@ -115,8 +121,9 @@ def test_clopper_pearson_shape(n, data):
         assert clopper_pearson(k + 1, n, 0.95)[1] > hi
 
 
-@pytest.mark.parametrize("k,n,conf", [(-1, 10, 0.95), (11, 10, 0.95), (0, 0, 0.95), (1, 10, 1.0),
-                                      (1, 10, 0.0), (1.5, 10, 0.95)])
+@pytest.mark.parametrize(
+    "k,n,conf", [(-1, 10, 0.95), (11, 10, 0.95), (0, 0, 0.95), (1, 10, 1.0), (1, 10, 0.0), (1.5, 10, 0.95)]
+)
 def test_clopper_pearson_rejects_bad_inputs(k, n, conf):
     with pytest.raises(ValueError):
         clopper_pearson(k, n, conf)
@@ -127,18 +134,21 @@ def test_clopper_pearson_rejects_bad_inputs(k, n, conf):
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("fpr,fnr,delta,expected", [
-    (0.5, 0.5, 0.0, 0.0),
-    (0.1, 0.1, 0.0, math.log(9.0)),
-    (0.1, 0.2, DELTA, math.log((1 - DELTA - 0.2) / 0.1)),    # the larger term of the two
-    (0.2, 0.1, DELTA, math.log((1 - DELTA - 0.2) / 0.1)),    # symmetric in the two errors
-    (0.01, 0.5, 0.0, math.log(50.0)),
-    (0.9, 0.9, 0.0, 0.0),                                    # worse than guessing: no bound
-    (1.0, 0.0, 0.0, 0.0),                                    # always guess x1: no information
-    (0.0, 1.0, DELTA, 0.0),
-    (1.0, 1.0, 0.5, 0.0),
-    (0.3, 0.3, 0.5, 0.0),                                    # δ large: nothing to refute
-])
+@pytest.mark.parametrize(
+    "fpr,fnr,delta,expected",
+    [
+        (0.5, 0.5, 0.0, 0.0),
+        (0.1, 0.1, 0.0, math.log(9.0)),
+        (0.1, 0.2, DELTA, math.log((1 - DELTA - 0.2) / 0.1)),  # the larger term of the two
+        (0.2, 0.1, DELTA, math.log((1 - DELTA - 0.2) / 0.1)),  # symmetric in the two errors
+        (0.01, 0.5, 0.0, math.log(50.0)),
+        (0.9, 0.9, 0.0, 0.0),  # worse than guessing: no bound
+        (1.0, 0.0, 0.0, 0.0),  # always guess x1: no information
+        (0.0, 1.0, DELTA, 0.0),
+        (1.0, 1.0, 0.5, 0.0),
+        (0.3, 0.3, 0.5, 0.0),  # δ large: nothing to refute
+    ],
+)
 def test_epsilon_lower_bound_cases(fpr, fnr, delta, expected):
     assert epsilon_lower_bound(fpr, fnr, delta) == pytest.approx(expected, rel=1e-12, abs=1e-15)
 
@@ -153,9 +163,18 @@ def test_epsilon_lower_bound_zero_rates():
     assert math.isfinite(epsilon_lower_bound(ub, clopper_pearson(500, 1000)[1], DELTA))
 
 
-@pytest.mark.parametrize("fpr,fnr,delta", [(-0.1, 0.5, DELTA), (0.5, 1.1, DELTA), (math.nan, 0.5, DELTA),
-                                           (0.5, 0.5, 1.0), (0.5, 0.5, -1e-5), (0.5, 0.5, math.nan),
-                                           ("0.5", 0.5, DELTA)])
+@pytest.mark.parametrize(
+    "fpr,fnr,delta",
+    [
+        (-0.1, 0.5, DELTA),
+        (0.5, 1.1, DELTA),
+        (math.nan, 0.5, DELTA),
+        (0.5, 0.5, 1.0),
+        (0.5, 0.5, -1e-5),
+        (0.5, 0.5, math.nan),
+        ("0.5", 0.5, DELTA),
+    ],
+)
 def test_epsilon_lower_bound_rejects_bad_inputs(fpr, fnr, delta):
     with pytest.raises(ValueError):
         epsilon_lower_bound(fpr, fnr, delta)
@@ -187,22 +206,33 @@ def test_formula_is_tight_on_laplace_tradeoff(eps, t):
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("z,sens,d,trials", [
-    (0.5, 1.0, 1, 20000),
-    (1.0, 1.0, 10, 20000),
-    (1.0, 1.0, 10, 2000),
-    (2.0, 3.0, 10, 20000),
-    (1.0, 0.05, 100, 4000),
-    (4.0, 1.0, 1, 20000),
-])
+@pytest.mark.parametrize(
+    "z,sens,d,trials",
+    [
+        (0.5, 1.0, 1, 20000),
+        (1.0, 1.0, 10, 20000),
+        (1.0, 1.0, 10, 2000),
+        (2.0, 3.0, 10, 20000),
+        (1.0, 0.05, 100, 4000),
+        (4.0, 1.0, 1, 20000),
+    ],
+)
 def test_gaussian_audit_is_below_true_epsilon(z, sens, d, trials):
     gen = torch.Generator().manual_seed(11)
     x0 = torch.zeros(d, dtype=torch.float64)
     x1 = x0.clone()
     x1[: min(d, 3)] = sens / math.sqrt(min(d, 3))  # ||x1 - x0|| = Δ, spread over a few coordinates
     true_eps = gaussian_epsilon(sens, z * sens, DELTA)
-    r = audit_mechanism(None, x0, x1, trials=trials, batched=gaussian_batched(z * sens, gen), delta=DELTA,
-                        claimed_epsilon=true_eps, seed=1)
+    r = audit_mechanism(
+        None,
+        x0,
+        x1,
+        trials=trials,
+        batched=gaussian_batched(z * sens, gen),
+        delta=DELTA,
+        claimed_epsilon=true_eps,
+        seed=1,
+    )
     assert 0.0 <= r.epsilon_lower_bound <= true_eps
     assert not r.violated
     if z <= 2.0:
@@ -215,8 +245,16 @@ def test_gaussian_audit_is_below_true_epsilon(z, sens, d, trials):
 def test_laplace_audit_is_below_true_epsilon(eps, sens):
     gen = torch.Generator().manual_seed(5)
     x0, x1 = torch.zeros(1, dtype=torch.float64), torch.full((1,), sens, dtype=torch.float64)
-    r = audit_mechanism(None, x0, x1, trials=4000, batched=laplace_batched(sens / eps, gen), delta=DELTA,
-                        claimed_epsilon=eps, seed=2)
+    r = audit_mechanism(
+        None,
+        x0,
+        x1,
+        trials=4000,
+        batched=laplace_batched(sens / eps, gen),
+        delta=DELTA,
+        claimed_epsilon=eps,
+        seed=2,
+    )
     assert 0.3 * eps < r.epsilon_lower_bound <= eps  # Laplace is tight: the audit gets close
     assert not r.violated
 
@@ -227,8 +265,9 @@ def test_laplace_audit_rarely_exceeds_true_epsilon():
     eps, exceed = 2.0, 0
     for s in range(40):
         gen = torch.Generator().manual_seed(100 + s)
-        r = audit_mechanism(None, torch.zeros(1), torch.ones(1), trials=1000,
-                            batched=laplace_batched(1.0 / eps, gen), seed=s)
+        r = audit_mechanism(
+            None, torch.zeros(1), torch.ones(1), trials=1000, batched=laplace_batched(1.0 / eps, gen), seed=s
+        )
         exceed += r.epsilon_lower_bound > eps
     assert exceed <= 2
 
@@ -239,14 +278,30 @@ def test_detects_under_noised_mechanism():
     x0 = torch.zeros(20)
     x1 = x0.clone()
     x1[7] = 1.0
-    r = audit_mechanism(None, x0, x1, trials=2000, batched=gaussian_batched(SIGMA_EPS1 / 10, gen),
-                        delta=DELTA, claimed_epsilon=1.0, seed=0)
+    r = audit_mechanism(
+        None,
+        x0,
+        x1,
+        trials=2000,
+        batched=gaussian_batched(SIGMA_EPS1 / 10, gen),
+        delta=DELTA,
+        claimed_epsilon=1.0,
+        seed=0,
+    )
     assert r.epsilon_lower_bound > 1.0
     assert r.violated
     assert "VIOLATED" in str(r)
     # the correctly noised mechanism passes the same audit
-    ok = audit_mechanism(None, x0, x1, trials=2000, batched=gaussian_batched(SIGMA_EPS1, gen),
-                         delta=DELTA, claimed_epsilon=1.0, seed=0)
+    ok = audit_mechanism(
+        None,
+        x0,
+        x1,
+        trials=2000,
+        batched=gaussian_batched(SIGMA_EPS1, gen),
+        delta=DELTA,
+        claimed_epsilon=1.0,
+        seed=0,
+    )
     assert not ok.violated
 
 
@@ -275,7 +330,9 @@ def test_custom_statistic_and_direction():
         seen_shapes.add(tuple(y.shape))
         return -float(y[1, 2])
 
-    r = audit_mechanism(None, x0, x1, trials=600, batched=gaussian_batched(0.5, gen), statistic=neg_stat, seed=0)
+    r = audit_mechanism(
+        None, x0, x1, trials=600, batched=gaussian_batched(0.5, gen), statistic=neg_stat, seed=0
+    )
     assert seen_shapes == {(2, 3)}  # batched rows come back in x0's shape
     assert r.direction == -1  # guesses x1 when the (negated) statistic is small
     assert 0.5 < r.epsilon_lower_bound <= true_eps
@@ -306,36 +363,50 @@ def test_batched_is_chunked(monkeypatch):
 
 def test_progress_bar_runs():
     gen = torch.Generator().manual_seed(0)
-    r = audit_mechanism(None, torch.zeros(3), torch.ones(3), trials=100, batched=gaussian_batched(1.0, gen),
-                        progress=True)
+    r = audit_mechanism(
+        None, torch.zeros(3), torch.ones(3), trials=100, batched=gaussian_batched(1.0, gen), progress=True
+    )
     assert isinstance(r, AuditResult)
 
 
 def test_result_dict_and_str():
     gen = torch.Generator().manual_seed(0)
-    r = audit_mechanism(None, torch.zeros(1), torch.ones(1), trials=1000, batched=gaussian_batched(1.0, gen),
-                        seed=0)
+    r = audit_mechanism(
+        None, torch.zeros(1), torch.ones(1), trials=1000, batched=gaussian_batched(1.0, gen), seed=0
+    )
     d = r.to_dict()
     assert d["violated"] is False and d["claimed_epsilon"] is None and d["trials"] == 1000
-    assert set(d) >= {"epsilon_lower_bound", "delta", "fpr", "fnr", "fpr_upper", "fnr_upper", "threshold",
-                      "confidence"}
+    assert set(d) >= {
+        "epsilon_lower_bound",
+        "delta",
+        "fpr",
+        "fnr",
+        "fpr_upper",
+        "fnr_upper",
+        "threshold",
+        "confidence",
+    }
     assert "no claimed ε" in str(r) and "95% confidence" in str(r)
-    assert AuditResult(**{**{k: v for k, v in d.items() if k != "violated"}, "claimed_epsilon": 0.0}).violated \
-        == (r.epsilon_lower_bound > 0)
+    assert AuditResult(
+        **{**{k: v for k, v in d.items() if k != "violated"}, "claimed_epsilon": 0.0}
+    ).violated == (r.epsilon_lower_bound > 0)
 
 
-@pytest.mark.parametrize("kw,match", [
-    ({"trials": 1}, "trials"),
-    ({"trials": 0}, "trials"),
-    ({"trials": 2.5}, "trials"),
-    ({"trials": True}, "trials"),
-    ({"delta": 0.0}, "delta"),
-    ({"delta": 1.0}, "delta"),
-    ({"delta": -1e-5}, "delta"),
-    ({"delta": 1.5}, "delta"),
-    ({"confidence": 1.0}, "confidence"),
-    ({"claimed_epsilon": -1.0}, "claimed_epsilon"),
-])
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        ({"trials": 1}, "trials"),
+        ({"trials": 0}, "trials"),
+        ({"trials": 2.5}, "trials"),
+        ({"trials": True}, "trials"),
+        ({"delta": 0.0}, "delta"),
+        ({"delta": 1.0}, "delta"),
+        ({"delta": -1e-5}, "delta"),
+        ({"delta": 1.5}, "delta"),
+        ({"confidence": 1.0}, "confidence"),
+        ({"claimed_epsilon": -1.0}, "claimed_epsilon"),
+    ],
+)
 def test_audit_rejects_bad_arguments(kw, match):
     with pytest.raises(ValueError, match=match):
         audit_mechanism(lambda x: x, torch.zeros(2), torch.ones(2), **kw)
@@ -351,7 +422,9 @@ def test_audit_rejects_bad_inputs():
     with pytest.raises(TypeError):
         audit_mechanism(None, torch.zeros(2), torch.ones(2))
     with pytest.raises(ValueError, match="batched"):
-        audit_mechanism(None, torch.zeros(2), torch.ones(2), trials=10, batched=lambda x, n: torch.zeros(n, 3))
+        audit_mechanism(
+            None, torch.zeros(2), torch.ones(2), trials=10, batched=lambda x, n: torch.zeros(n, 3)
+        )
     with pytest.raises(ValueError, match="entries"):
         audit_mechanism(lambda x: torch.zeros(5), torch.zeros(2), torch.ones(2), trials=10)
 
@@ -372,8 +445,11 @@ class NoisyMean(Defense):
 
     def protect(self, update: Update, ctx: RoundContext) -> Payload:
         assert ctx.client_id is not None
-        return {k: v + self.sigma * torch.randn(v.shape, generator=self.gen, dtype=v.dtype)
-                for k, v in update.items() if k != self.drop}
+        return {
+            k: v + self.sigma * torch.randn(v.shape, generator=self.gen, dtype=v.dtype)
+            for k, v in update.items()
+            if k != self.drop
+        }
 
     def aggregate(self, payloads: Sequence[Payload], ctx: RoundContext) -> Update:
         assert ctx.client_id is None
@@ -407,16 +483,24 @@ def test_audit_defense_gaussian():
     assert len(set(defense.seen_rounds)) == 3000  # every trial a fresh round
     # under-noised: claims ε=1 but adds a tenth of the noise it needs
     weak = NoisyMean(sigma=SIGMA_EPS1 / 10, gen=torch.Generator().manual_seed(4))
-    bad = audit_defense(weak, u0, u1, RoundContext(round=5, num_clients=10, sampled=(3,), weights=(1.0,)),
-                        trials=1000, claimed_epsilon=1.0, seed=0)
+    bad = audit_defense(
+        weak,
+        u0,
+        u1,
+        RoundContext(round=5, num_clients=10, sampled=(3,), weights=(1.0,)),
+        trials=1000,
+        claimed_epsilon=1.0,
+        seed=0,
+    )
     assert bad.violated and min(weak.seen_rounds) == 5
 
 
 def test_audit_defense_dropped_keys_and_bad_context():
     u0, u1 = _updates()
     # the defense withholds head.weight (partial sharing): dropped keys count as zeros
-    r = audit_defense(NoisyMean(1.0, torch.Generator().manual_seed(1), drop="head.weight"), u0, u1, trials=400,
-                      seed=0)
+    r = audit_defense(
+        NoisyMean(1.0, torch.Generator().manual_seed(1), drop="head.weight"), u0, u1, trials=400, seed=0
+    )
     assert r.epsilon_lower_bound <= gaussian_epsilon(1.0, 1.0, DELTA)
     two = RoundContext(round=0, num_clients=2, sampled=(0, 1), weights=(0.5, 0.5))
     with pytest.raises(ValueError, match="one sampled client"):

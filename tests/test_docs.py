@@ -68,10 +68,23 @@ def test_page_examples_run(page: Path):
 
 def test_help_privfl_gives_an_overview():
     text = pydoc.render_doc(privfl, renderer=pydoc.plaintext)
-    for name in ("privfl.updates", "privfl.defenses", "privfl.fl", "privfl.attacks", "privfl.audit",
-                 "privfl.data", "privfl.models", "privfl.metrics", "privfl.integrations.flower",
-                 "privfl.bench", "GaussianMechanism", "SecureAggregation", "CKKSAggregation",
-                 "run_federated", "make docs"):
+    for name in (
+        "privfl.updates",
+        "privfl.defenses",
+        "privfl.fl",
+        "privfl.attacks",
+        "privfl.audit",
+        "privfl.data",
+        "privfl.models",
+        "privfl.metrics",
+        "privfl.integrations.flower",
+        "privfl.bench",
+        "GaussianMechanism",
+        "SecureAggregation",
+        "CKKSAggregation",
+        "run_federated",
+        "make docs",
+    ):
         assert name in text, name
     assert privfl.__version__ in text
     # the docstring's example (the indented block after "::") runs

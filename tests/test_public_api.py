@@ -1,5 +1,5 @@
 """The public surface is documented: every public module, class, function and method has a
-docstring, and every defense states its threat model (issue 9)."""
+docstring, and every defense states its threat model (docs/concepts.md)."""
 
 from __future__ import annotations
 
@@ -34,13 +34,18 @@ def test_every_public_object_has_a_docstring():
         names = getattr(mod, "__all__", [n for n in vars(mod) if not n.startswith("_")])
         for name in names:
             obj = getattr(mod, name, None)
-            if getattr(obj, "__module__", None) != mod.__name__ or not (inspect.isclass(obj) or inspect.isfunction(obj)):
+            if getattr(obj, "__module__", None) != mod.__name__ or not (
+                inspect.isclass(obj) or inspect.isfunction(obj)
+            ):
                 continue
             if not _documented(obj):
                 missing.append(f"{mod.__name__}.{name}")
             if inspect.isclass(obj):
-                missing += [f"{mod.__name__}.{name}.{a}" for a, f in vars(obj).items()
-                            if not a.startswith("_") and inspect.isfunction(f) and not _documented(getattr(obj, a))]
+                missing += [
+                    f"{mod.__name__}.{name}.{a}"
+                    for a, f in vars(obj).items()
+                    if not a.startswith("_") and inspect.isfunction(f) and not _documented(getattr(obj, a))
+                ]
     assert not missing, f"{len(missing)} public objects without a docstring: {missing}"
 
 
@@ -51,7 +56,13 @@ def test_every_defense_states_its_threat_model():
             yield from subclasses(sub)
 
     list(_modules())  # import them all, so every Defense subclass is registered
-    silent = sorted({f"{c.__module__}.{c.__name__}" for c in subclasses(Defense)
-                     if c.__module__.startswith("privfl.") and not c.__name__.startswith("_")
-                     and "threat model" not in (c.__doc__ or "").lower()})
+    silent = sorted(
+        {
+            f"{c.__module__}.{c.__name__}"
+            for c in subclasses(Defense)
+            if c.__module__.startswith("privfl.")
+            and not c.__name__.startswith("_")
+            and "threat model" not in (c.__doc__ or "").lower()
+        }
+    )
     assert not silent, f"defenses whose docstring has no threat model: {silent}"

@@ -11,11 +11,12 @@ import copy
 import numpy as np
 import pytest
 import torch
+from helpers import ctx_for as _ctx
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from privfl.defenses import ClipUpdate, Compose, GaussianMechanism
-from privfl.defenses.base import Defense, RoundContext
+from privfl.defenses.base import Defense
 from privfl.defenses.ckks import CKKSClient, CKKSKeys, CKKSPayloadError, CKKSServer
 from privfl.defenses.rng import SeededNoise
 from privfl.defenses.secagg import SecAggClient, SecAggConfig, SecAggServer, SecureAggregation
@@ -31,23 +32,23 @@ FUZZ = settings(max_examples=40, deadline=None, suppress_health_check=[HealthChe
 
 # ------------------------------------------------------------------------------ updates
 
+
 def _state():
     return {"w": torch.zeros(3, 4), "b": torch.zeros(4), "steps": torch.zeros((), dtype=torch.long)}
 
 
-def _ctx(n=2):
-    return RoundContext(round=0, num_clients=n, sampled=tuple(range(n)), weights=(1 / n,) * n)
-
-
-@pytest.mark.parametrize("bad, reason", [
-    ({"w": torch.full((3, 4), float("nan"))}, "non-finite values"),
-    ({"w": torch.full((3, 4), float("inf"))}, "non-finite values"),
-    ({"w": torch.zeros(3, 4, dtype=torch.float64)}, "dtype torch.float64"),
-    ({"w": torch.zeros(3, 4, device="meta")}, "device meta"),
-    ({"w": torch.zeros(4, 3)}, r"shape \(4, 3\)"),
-    ({"nope": torch.zeros(1)}, "unexpected key"),
-    ({"w": np.zeros((3, 4), dtype=np.float32)}, "expected a torch.Tensor"),
-])
+@pytest.mark.parametrize(
+    "bad, reason",
+    [
+        ({"w": torch.full((3, 4), float("nan"))}, "non-finite values"),
+        ({"w": torch.full((3, 4), float("inf"))}, "non-finite values"),
+        ({"w": torch.zeros(3, 4, dtype=torch.float64)}, "dtype torch.float64"),
+        ({"w": torch.zeros(3, 4, device="meta")}, "device meta"),
+        ({"w": torch.zeros(4, 3)}, r"shape \(4, 3\)"),
+        ({"nope": torch.zeros(1)}, "unexpected key"),
+        ({"w": np.zeros((3, 4), dtype=np.float32)}, "expected a torch.Tensor"),
+    ],
+)
 def test_bad_update_is_refused_naming_client_and_entry_and_nothing_is_applied(bad, reason):
     server = Server(_state(), ClipUpdate(100.0), 2)
     before = copy.deepcopy(server.global_state)
@@ -67,6 +68,7 @@ def test_defenses_refuse_non_finite_and_integer_updates_before_noising():
 
 
 # ------------------------------------------------------------------------------ CKKS payloads
+
 
 @pytest.fixture(scope="module")
 def ckks():
@@ -142,6 +144,7 @@ def test_ckks_replayed_payloads_are_refused(ckks):
 
 # ------------------------------------------------------------------------------ secure-aggregation payloads
 
+
 def _secagg_round(n=3, t=2, length=50):
     cfg = SecAggConfig.create(list(range(n)), [1 / n] * n, t, 1.0, block_words=32)
     server = SecAggServer(cfg)
@@ -179,7 +182,7 @@ def test_secagg_truncated_or_flipped_masked_inputs_are_refused(secagg_inputs, da
     server, _, _ = _secagg_round()  # fresh keys: the fixture's inputs belong to another session
     raw = bytearray(secagg_inputs[1])
     if data.draw(st.booleans()):
-        raw = raw[:data.draw(st.integers(0, len(raw) - 1))]
+        raw = raw[: data.draw(st.integers(0, len(raw) - 1))]
     else:
         pos = data.draw(st.integers(0, len(raw) - 1))
         raw[pos] ^= 1 << data.draw(st.integers(0, 7))
@@ -220,6 +223,7 @@ def test_flower_payload_limit_is_checked_before_decoding():
 
 # ------------------------------------------------------------------------------ a crash mid-round
 
+
 class _CrashOnce(Defense):
     """Clipping that crashes (once) while protecting client 1's update in round 2: mid-round, after
     client 0 has trained and been protected."""
@@ -251,20 +255,44 @@ def test_crash_mid_round_then_resume_loses_no_round_and_applies_none_twice(tmp_p
     cfg = ClientConfig(local_steps=1, batch_size=2)
     model, clients = setup()
     _CrashOnce.crashed = True  # the reference run does not crash
-    full = run_federated(model, clients, None, 4, config=cfg, defense=_CrashOnce(), seed=1, progress=False,
-                         val_fraction=0.0)
+    full = run_federated(
+        model, clients, None, 4, config=cfg, defense=_CrashOnce(), seed=1, progress=False, val_fraction=0.0
+    )
     _CrashOnce.crashed = False
     model, clients = setup()
     with pytest.raises(KeyboardInterrupt):
-        run_federated(model, clients, None, 4, config=cfg, defense=_CrashOnce(), seed=1, progress=False,
-                      val_fraction=0.0, checkpoint_dir=tmp_path)
+        run_federated(
+            model,
+            clients,
+            None,
+            4,
+            config=cfg,
+            defense=_CrashOnce(),
+            seed=1,
+            progress=False,
+            val_fraction=0.0,
+            checkpoint_dir=tmp_path,
+        )
     model, clients = setup()
-    resumed = run_federated(model, clients, None, 4, config=cfg, defense=_CrashOnce(), seed=1, progress=False,
-                            val_fraction=0.0, checkpoint_dir=tmp_path, resume=True)
+    resumed = run_federated(
+        model,
+        clients,
+        None,
+        4,
+        config=cfg,
+        defense=_CrashOnce(),
+        seed=1,
+        progress=False,
+        val_fraction=0.0,
+        checkpoint_dir=tmp_path,
+        resume=True,
+    )
     assert [r["round"] for r in resumed.history] == [0, 1, 2, 3]
     for k, v in full.global_state.items():
         assert torch.equal(v, resumed.global_state[k]), k
-    assert flatten({k: v for k, v in resumed.global_state.items() if v.is_floating_point()})[0].isfinite().all()
+    assert (
+        flatten({k: v for k, v in resumed.global_state.items() if v.is_floating_point()})[0].isfinite().all()
+    )
 
 
 def test_every_row_of_the_reliability_table_names_tests_that_exist():
@@ -273,10 +301,17 @@ def test_every_row_of_the_reliability_table_names_tests_that_exist():
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    rows = [line for line in (root / "docs" / "reliability.md").read_text().splitlines()
-            if line.startswith("| ") and not line.startswith("| case") and not line.startswith("| ---")]
+    rows = [
+        line
+        for line in (root / "docs" / "reliability.md").read_text().splitlines()
+        if line.startswith("| ") and not line.startswith("| case") and not line.startswith("| ---")
+    ]
     assert len(rows) >= 15
-    defined = {m for f in (root / "tests").glob("test_*.py") for m in re.findall(r"^def (test_\w+)", f.read_text(), re.M)}
+    defined = {
+        m
+        for f in (root / "tests").glob("test_*.py")
+        for m in re.findall(r"^def (test_\w+)", f.read_text(), re.M)
+    }
     for row in rows:
         named = re.findall(r"`(test_\w+)`", row) + re.findall(r"`tests/(test_\w+)\.py`", row)
         assert named, f"row without a test: {row[:80]}"

@@ -50,8 +50,9 @@ def _replace(obj: Object, text: str) -> str:
             if role in ("func", "meth") and not title.endswith(")"):
                 title += "()"
         ident = _target(obj, name.lstrip("~"))
-        return (f'<autoref identifier="{html.escape(ident)}" optional>'
-                f"<code>{html.escape(title)}</code></autoref>")
+        return (
+            f'<autoref identifier="{html.escape(ident)}" optional><code>{html.escape(title)}</code></autoref>'
+        )
 
     return _ROLE.sub(repl, text)
 

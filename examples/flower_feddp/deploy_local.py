@@ -59,8 +59,12 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--timeout", type=float, default=600, help="seconds before the run is abandoned")
-    ap.add_argument("--crypto", choices=("none", "ckks", "secagg"), default="none",
-                    help="CKKS-encrypt what clients send, or secure-aggregate it")
+    ap.add_argument(
+        "--crypto",
+        choices=("none", "ckks", "secagg"),
+        default="none",
+        help="CKKS-encrypt what clients send, or secure-aggregate it",
+    )
     args = ap.parse_args(argv)
     home = Path(tempfile.mkdtemp(prefix="privfl-flwr-"))
     run_config = f"num-server-rounds={args.rounds}"
@@ -74,14 +78,20 @@ def main(argv: list[str] | None = None) -> int:
         run_config += " crypto='secagg'"
     link = _free_port()  # Flower >= 1.41 serves the Fleet, Control and Runtime APIs on one HTTP port
     (home / "config.toml").write_text(
-        f'[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\naddress = "127.0.0.1:{link}"\ninsecure = true\n')
+        f'[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\n'
+        f'address = "127.0.0.1:{link}"\ninsecure = true\n'
+    )
     # FLWR_HOME keeps Flower's state in a temporary folder; privfl is already installed in this
     # environment, so Flower must not build a fresh one from PyPI (privfl is not published there)
     # Flower's processes start helpers (flower-superexec, flwr-clientapp) by name: this environment's
     # bin/ must come first on PATH even when the venv is not activated
-    env = {**os.environ, "FLWR_HOME": str(home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-           "PATH": os.pathsep.join([str(BIN), os.environ.get("PATH", "")]),
-           "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])}
+    env = {
+        **os.environ,
+        "FLWR_HOME": str(home),
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "PATH": os.pathsep.join([str(BIN), os.environ.get("PATH", "")]),
+        "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]),
+    }
     logs = home / "logs"
     logs.mkdir()
     procs: list[subprocess.Popen] = []
@@ -94,18 +104,44 @@ def main(argv: list[str] | None = None) -> int:
 
     ok = False
     try:
-        start("superlink", [str(BIN / "flower-superlink"), "--insecure", "--database", ":flwr-in-memory:",
-                            "--host", "127.0.0.1", "--port", str(link)])
+        start(
+            "superlink",
+            [
+                str(BIN / "flower-superlink"),
+                "--insecure",
+                "--database",
+                ":flwr-in-memory:",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(link),
+            ],
+        )
         _wait_for(link, 60)
         for i in range(NUM_NODES):
-            start(f"supernode-{i}", [str(BIN / "flower-supernode"), "--insecure", "--superlink",
-                                     f"127.0.0.1:{link}", "--node-config",
-                                     f"partition-id={i} num-partitions={NUM_NODES}",
-                                     "--host", "127.0.0.1", "--port", str(_free_port())])
+            start(
+                f"supernode-{i}",
+                [
+                    str(BIN / "flower-supernode"),
+                    "--insecure",
+                    "--superlink",
+                    f"127.0.0.1:{link}",
+                    "--node-config",
+                    f"partition-id={i} num-partitions={NUM_NODES}",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(_free_port()),
+                ],
+            )
         time.sleep(3)
-        run = subprocess.run([str(BIN / "flwr"), "run", str(HERE), "loopback", "--stream",
-                              "--run-config", run_config],
-                             env=env, capture_output=True, text=True, timeout=args.timeout)
+        run = subprocess.run(
+            [str(BIN / "flwr"), "run", str(HERE), "loopback", "--stream", "--run-config", run_config],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=args.timeout,
+        )
         print(run.stdout[-6000:])
         ok = run.returncode == 0 and "privfl:" in run.stdout
         if not ok:

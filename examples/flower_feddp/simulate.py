@@ -21,8 +21,12 @@ if __name__ == "__main__":
     from flower_feddp.task import make_keys
 
     ap = argparse.ArgumentParser(description="the example on Flower's simulation engine")
-    ap.add_argument("--crypto", choices=("none", "ckks", "secagg"), default="none",
-                    help="CKKS-encrypt what clients send, or secure-aggregate it")
+    ap.add_argument(
+        "--crypto",
+        choices=("none", "ckks", "secagg"),
+        default="none",
+        help="CKKS-encrypt what clients send, or secure-aggregate it",
+    )
     args = ap.parse_args()
     if args.crypto == "ckks":  # keys made before the run and handed to the clients (out of band)
         keys_dir = tempfile.mkdtemp(prefix="privfl-ckks-")
@@ -30,6 +34,12 @@ if __name__ == "__main__":
         os.environ["PRIVFL_EXAMPLE_CONFIG"] = json.dumps({"crypto": "ckks", "keys-dir": keys_dir})
     elif args.crypto == "secagg":  # nothing to set up: keys are fresh every round
         os.environ["PRIVFL_EXAMPLE_CONFIG"] = json.dumps({"crypto": "secagg"})
-    run_simulation(server_app, client_app, num_supernodes=3,
-                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                                   "init_args": {"num_cpus": 2, "include_dashboard": False}})
+    run_simulation(
+        server_app,
+        client_app,
+        num_supernodes=3,
+        backend_config={
+            "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+            "init_args": {"num_cpus": 2, "include_dashboard": False},
+        },
+    )

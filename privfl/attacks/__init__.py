@@ -4,7 +4,8 @@
   a client's images from the update it shared (a gradient or a multi-step FedAvg delta, defended
   or not); :func:`observe_update` produces ground-truth updates.
 * :mod:`privfl.attacks.membership` — :class:`LossThreshold` (Yeom et al. 2018) and :class:`LiRA`
-  (Carlini et al. 2022) with shadow models trained by privfl's own FL loop.
+  (Carlini et al. 2022) with shadow models trained by any recipe (e.g. privfl's own FL loop:
+  :class:`~privfl.experiments.membership.FederatedTrainer`).
 * :mod:`privfl.attacks.synthetic` — :func:`distance_to_closest_record`: membership inference
   against released synthetic data (what data-sharing methods such as DP-CVAE release).
 * :mod:`privfl.attacks.gradient_sign` — :class:`GradientSignAttack` and :func:`bisect_site`:
@@ -13,7 +14,8 @@
 * :mod:`privfl.attacks.metrics` — PSNR, SSIM, feature MSE, batch matching; ROC, AUC, TPR at low
   FPR, log-log ROC plots and the empirical ε lower bound.
 
-Each attack's module docstring states its threat model. See ``docs/attacks.md``.
+Each attack's module docstring states its threat model. See ``docs/attacks.md``. The experiments
+that run these attacks against privfl's defenses are in :mod:`privfl.experiments`.
 """
 
 from privfl.attacks.gradient_sign import GradientSignAttack, bisect_site, sign_vote_estimate
@@ -26,12 +28,10 @@ from privfl.attacks.inversion import (
     total_variation,
 )
 from privfl.attacks.membership import (
-    FederatedTrainer,
     LiRA,
     LossThreshold,
     lira_scores,
     logit_confidence,
-    run_membership_experiment,
     segmentation_scores,
 )
 from privfl.attacks.metrics import (
@@ -49,7 +49,6 @@ from privfl.attacks.metrics import (
 from privfl.attacks.synthetic import distance_to_closest_record
 
 __all__ = [
-    "FederatedTrainer",
     "GradientSignAttack",
     "InversionResult",
     "InvertingGradients",
@@ -70,7 +69,6 @@ __all__ = [
     "psnr",
     "recover_labels",
     "roc_curve",
-    "run_membership_experiment",
     "segmentation_scores",
     "sign_vote_estimate",
     "ssim",

@@ -24,13 +24,11 @@ Reconstructions are compared with the real images by PSNR (:func:`privfl.attacks
 from __future__ import annotations
 
 import hashlib
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-if TYPE_CHECKING:
-    from privfl.sharing.dsl.protocol import DSLSite, GradientReply, MaskRequest, SyntheticImages
+from privfl.sharing.dsl.protocol import DSLSite, GradientReply, MaskRequest, SyntheticImages
 
 __all__ = ["GradientSignAttack", "bisect_site", "mask_key", "sign_vote_estimate"]
 
@@ -38,11 +36,14 @@ __all__ = ["GradientSignAttack", "bisect_site", "mask_key", "sign_vote_estimate"
 def mask_key(mask: Tensor) -> str:
     """The server's handle on an image: a hash of its mask (identical masks are one image to the attacker)."""
     m = mask.detach().to("cpu", torch.uint8).contiguous()
-    return hashlib.blake2b(m.numpy().tobytes() + bytes(str(tuple(m.shape)), "ascii"), digest_size=16).hexdigest()
+    return hashlib.blake2b(
+        m.numpy().tobytes() + bytes(str(tuple(m.shape)), "ascii"), digest_size=16
+    ).hexdigest()
 
 
-def sign_vote_estimate(probes: Tensor, signs: Tensor, low: float = 0.0, high: float = 1.0,
-                       prior: Tensor | None = None) -> Tensor:
+def sign_vote_estimate(
+    probes: Tensor, signs: Tensor, low: float = 0.0, high: float = 1.0, prior: Tensor | None = None
+) -> Tensor:
     """Per element, the value most consistent with observations "``x`` is below / above probe".
 
     Args:
@@ -61,8 +62,10 @@ def sign_vote_estimate(probes: Tensor, signs: Tensor, low: float = 0.0, high: fl
         ``prior``, the span's midpoint. Same dtype as ``probes``.
     """
     if probes.shape != signs.shape or probes.ndim < 1 or probes.shape[0] < 1:
-        raise ValueError(f"probes and signs must have the same shape (K, ...), got {tuple(probes.shape)} and "
-                         f"{tuple(signs.shape)}")
+        raise ValueError(
+            f"probes and signs must have the same shape (K, ...), got {tuple(probes.shape)} and "
+            f"{tuple(signs.shape)}"
+        )
     if not low < high:
         raise ValueError(f"need low < high, got {low}, {high}")
     p = probes.detach().float().clamp(low, high).flatten(1)
@@ -101,8 +104,14 @@ class GradientSignAttack:
     Memory: one probe (float16) and one sign (int8) per pixel per observation of each kept image.
     """
 
-    def __init__(self, site: int | None = None, max_images: int | None = None, low: float = 0.0,
-                 high: float = 1.0, prior_window: int = 5) -> None:
+    def __init__(
+        self,
+        site: int | None = None,
+        max_images: int | None = None,
+        low: float = 0.0,
+        high: float = 1.0,
+        prior_window: int = 5,
+    ) -> None:
         if prior_window < 1:
             raise ValueError(f"prior_window must be >= 1, got {prior_window}")
         self.site, self.max_images, self.low, self.high = site, max_images, float(low), float(high)
@@ -128,7 +137,8 @@ class GradientSignAttack:
         return len(self.probes.get(key, []))
 
     def reconstruct(self, masks: Tensor, *, use_signs: bool = True) -> tuple[Tensor, Tensor]:
-        """Reconstructions ``(N, C, H, W)`` of the images with these masks and a bool ``(N,)`` of which were seen.
+        """Reconstructions ``(N, C, H, W)`` of the images with these masks and a bool ``(N,)`` of which were
+        seen.
 
         The prior (mean of the last ``prior_window`` probes) goes into :func:`sign_vote_estimate`;
         ``use_signs=False`` returns the prior alone — what the server has without the gradients.
@@ -140,9 +150,14 @@ class GradientSignAttack:
             key = mask_key(mask)
             if key in self.probes:
                 probes = torch.stack(self.probes[key]).float()
-                prior = probes[-self.prior_window:].mean(0)
-                est = (sign_vote_estimate(probes, torch.stack(self.signs[key]).float(), self.low, self.high,
-                                          prior=prior) if use_signs else prior)
+                prior = probes[-self.prior_window :].mean(0)
+                est = (
+                    sign_vote_estimate(
+                        probes, torch.stack(self.signs[key]).float(), self.low, self.high, prior=prior
+                    )
+                    if use_signs
+                    else prior
+                )
                 out.append(est)
                 seen.append(True)
             else:
@@ -155,8 +170,9 @@ class GradientSignAttack:
         return torch.stack(filled), torch.tensor(seen)
 
 
-def bisect_site(site: DSLSite, passes: int, *, batch_size: int = 4, low: float = 0.0, high: float = 1.0
-                ) -> tuple[Tensor, Tensor]:
+def bisect_site(
+    site: DSLSite, passes: int, *, batch_size: int = 4, low: float = 0.0, high: float = 1.0
+) -> tuple[Tensor, Tensor]:
     """Active reconstruction by a malicious server: bisect every pixel of every image of ``site``.
 
     Sends probes instead of synthetic images for ``passes`` passes over the site's data (each pass
@@ -167,7 +183,6 @@ def bisect_site(site: DSLSite, passes: int, *, batch_size: int = 4, low: float =
     """
     if passes < 1:
         raise ValueError(f"passes must be >= 1, got {passes}")
-    from privfl.sharing.dsl.protocol import SyntheticImages
 
     lo: dict[str, Tensor] = {}
     hi: dict[str, Tensor] = {}

@@ -72,11 +72,14 @@ from typing import Literal, cast
 
 import torch
 import torch.nn.functional as F
+from rich.console import Console
+from rich.progress import Progress
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from privfl.models.losses import CEDiceLoss, default_loss, soft_segmentation_loss
+from privfl.progress import progress_bar
 from privfl.seeding import derive_seed
-from privfl.models.losses import CEDiceLoss, DHUNetLoss, default_loss
 from privfl.updates import InvalidUpdateError, Update
 
 __all__ = [
@@ -86,7 +89,6 @@ __all__ = [
     "observe_update",
     "recover_labels",
     "total_variation",
-    "soft_segmentation_loss",
 ]
 
 Mode = Literal["gradient", "fedavg"]
@@ -112,62 +114,6 @@ def total_variation(x: Tensor) -> Tensor:
     dy = (x[:, :, 1:, :] - x[:, :, :-1, :]).abs().mean()
     dx = (x[:, :, :, 1:] - x[:, :, :, :-1]).abs().mean()
     return dx + dy
-
-
-def _soft_ce_dice(logits: Tensor, target: Tensor, ce_weight: float, dice_weight: float, per_sample: bool,
-                  eps: float = 1e-5) -> Tensor:
-    """``CEDiceLoss`` with a *soft* target ``(B, C, H, W)`` of class probabilities; equal to
-    :class:`~privfl.models.losses.CEDiceLoss` when the target is one-hot."""
-    logits = logits.float()
-    logp = logits.log_softmax(dim=1)
-    ce_map = -(target * logp).sum(dim=1)  # (B, H, W)
-    ce = ce_map.flatten(1).mean(dim=1).mean() if per_sample else ce_map.mean()
-    probs = logp.exp()
-    dims = (2, 3) if per_sample else (0, 2, 3)
-    inter = (probs * target).sum(dims)
-    denom = probs.pow(2).sum(dims) + target.sum(dims)
-    dice = (2 * inter + eps) / (denom + eps)
-    dice_loss = (1 - dice.mean(dim=1)).mean() if per_sample else 1 - dice.mean()
-    return ce_weight * ce + dice_weight * dice_loss
-
-
-def soft_segmentation_loss(
-    loss_fn: nn.Module | Callable[[object, Tensor], Tensor],
-) -> Callable[[object, Tensor], Tensor]:
-    """The soft-target version of a privfl segmentation loss, for jointly optimised masks.
-
-    ``loss_fn`` must be a :class:`~privfl.models.losses.CEDiceLoss` or
-    :class:`~privfl.models.losses.DHUNetLoss`; the returned function takes the model output and a
-    target of class probabilities ``(B, C, H, W)`` and equals ``loss_fn`` on one-hot targets.
-    """
-    if isinstance(loss_fn, DHUNetLoss):
-        inner = loss_fn.per_output
-        w_final, w_first, w_rest = loss_fn.weights
-
-        def one(t: Tensor, target: Tensor) -> Tensor:
-            return _soft_ce_dice(t, target, inner.ce_weight, inner.dice_weight, inner.per_sample)
-
-        def dhunet_soft(output, target: Tensor) -> Tensor:
-            if isinstance(output, Tensor):
-                return one(output, target)
-            logits, deep = output
-            loss = w_final * one(logits, target)
-            if deep:
-                loss = loss + w_first * one(deep[0], target)
-                rest = deep[1:]
-                if rest:
-                    loss = loss + w_rest * sum(one(d, target) for d in rest) / len(rest)
-            return loss
-
-        return dhunet_soft
-    if isinstance(loss_fn, CEDiceLoss):
-        def ce_dice_soft(output, target: Tensor) -> Tensor:
-            logits = output[0] if isinstance(output, (tuple, list)) else output
-            return _soft_ce_dice(logits, target, loss_fn.ce_weight, loss_fn.dice_weight, loss_fn.per_sample)
-
-        return ce_dice_soft
-    raise TypeError(f"masks='joint' needs a loss with a soft-target form (CEDiceLoss or DHUNetLoss), "
-                    f"got {type(loss_fn).__name__}; use masks='known' with a custom loss")
 
 
 def _final_logits_loss(output, target: Tensor) -> Tensor:
@@ -201,7 +147,9 @@ def recover_labels(head_grad: Tensor, batch_size: int = 1, *, is_delta: bool = F
     elif g.ndim == 1:
         score = g
     else:
-        raise ValueError(f"head_grad must be a bias (C,) or weight (C, D) gradient, got shape {tuple(g.shape)}")
+        raise ValueError(
+            f"head_grad must be a bias (C,) or weight (C, D) gradient, got shape {tuple(g.shape)}"
+        )
     if is_delta:
         score = -score
     order = torch.argsort(score)
@@ -280,8 +228,13 @@ class _Simulator:
     with respect to the batch. Holds detached copies of the weights and buffers: the model is never
     modified."""
 
-    def __init__(self, model: nn.Module, recipe: LocalRecipe, loss_fn: Callable[[object, Tensor], Tensor],
-                 batchnorm: BatchNormMode):
+    def __init__(
+        self,
+        model: nn.Module,
+        recipe: LocalRecipe,
+        loss_fn: Callable[[object, Tensor], Tensor],
+        batchnorm: BatchNormMode,
+    ):
         self.model = model
         self.recipe = recipe
         self.loss_fn = loss_fn
@@ -301,11 +254,14 @@ class _Simulator:
             r = self.recipe
             if r.mode == "gradient":
                 wanted = set(keys)
-                trainable = {k: p.detach().requires_grad_(True) for k, p in self.params.items() if k in wanted}
+                trainable = {
+                    k: p.detach().requires_grad_(True) for k, p in self.params.items() if k in wanted
+                }
                 params = {**self.params, **trainable}
                 loss = self.loss_fn(self.forward(params, x), target)
-                grads = torch.autograd.grad(loss, [trainable[k] for k in keys], create_graph=create_graph,
-                                            allow_unused=True)
+                grads = torch.autograd.grad(
+                    loss, [trainable[k] for k in keys], create_graph=create_graph, allow_unused=True
+                )
                 return [torch.zeros_like(trainable[k]) if g is None else g for k, g in zip(keys, grads)]
             theta = {k: p.detach().requires_grad_(k in self.trainable) for k, p in self.params.items()}
             start = dict(theta)
@@ -313,8 +269,9 @@ class _Simulator:
             velocity: dict[str, Tensor] = {}
             for step in range(r.local_steps):
                 loss = self.loss_fn(self.forward(theta, x), target)
-                grads = torch.autograd.grad(loss, [theta[k] for k in names], create_graph=create_graph,
-                                            allow_unused=True)
+                grads = torch.autograd.grad(
+                    loss, [theta[k] for k in names], create_graph=create_graph, allow_unused=True
+                )
                 new = dict(theta)
                 for k, g in zip(names, grads):
                     if g is None:  # not in the graph: torch.optim.SGD skips it (no weight decay either)
@@ -333,7 +290,9 @@ class _Simulator:
             return [theta[k] - start[k] for k in keys]
 
 
-def _resolve_loss(model: nn.Module, loss: LossSpec, task: Task) -> nn.Module | Callable[[object, Tensor], Tensor]:
+def _resolve_loss(
+    model: nn.Module, loss: LossSpec, task: Task
+) -> nn.Module | Callable[[object, Tensor], Tensor]:
     if isinstance(loss, nn.Module):
         return loss
     if loss not in ("default", "final"):
@@ -379,7 +338,9 @@ def observe_update(
     device = _device_of(model)
     sim = _Simulator(model, recipe, _resolve_loss(model, loss, task), batchnorm)
     keys = list(sim.params)
-    values = sim.update(images.to(device, torch.float32), target.to(device, torch.long), keys, create_graph=False)
+    values = sim.update(
+        images.to(device, torch.float32), target.to(device, torch.long), keys, create_graph=False
+    )
     return {k: v.detach().float().cpu().clone() for k, v in zip(keys, values)}
 
 
@@ -481,7 +442,9 @@ class InvertingGradients:
         if tv < 0 or not lr > 0:
             raise ValueError(f"tv must be >= 0 and lr > 0, got tv={tv}, lr={lr}")
         if task == "classification" and masks == "joint":
-            raise ValueError("masks='joint' is for segmentation; classification labels come from iDLG or are given")
+            raise ValueError(
+                "masks='joint' is for segmentation; classification labels come from iDLG or are given"
+            )
         if not any(True for _ in model.parameters()):
             raise ValueError("the model has no parameters")
         self.model = model
@@ -521,27 +484,35 @@ class InvertingGradients:
             expected = ", ".join(repr(k) for k in list(params)[:3])
             raise InvalidUpdateError(
                 f"{len(unknown)} update key(s) are not entries of this {type(self.model).__name__}: {shown}; "
-                f"is the update from another model? its parameters are named like {expected}, …")
+                f"is the update from another model? its parameters are named like {expected}, …"
+            )
         for k, v in update.items():
             if not isinstance(v, Tensor):
                 raise InvalidUpdateError(f"update[{k!r}] is a {type(v).__name__}, not a tensor")
             if tuple(v.shape) != tuple(state[k].shape):
-                raise InvalidUpdateError(f"update[{k!r}] has shape {tuple(v.shape)}, the model's is "
-                                         f"{tuple(state[k].shape)}")
+                raise InvalidUpdateError(
+                    f"update[{k!r}] has shape {tuple(v.shape)}, the model's is {tuple(state[k].shape)}"
+                )
         keys = [k for k in params if k in update]
         if not keys:
-            raise InvalidUpdateError("the update carries no parameter of the model (only buffers): nothing to match")
+            raise InvalidUpdateError(
+                "the update carries no parameter of the model (only buffers): nothing to match"
+            )
         for k in keys:
             if not torch.isfinite(update[k]).all():
                 raise InvalidUpdateError(f"update[{k!r}] has non-finite values")
         if all(not update[k].any() for k in keys):
-            raise InvalidUpdateError("the update is zero on every attacked parameter: its direction is undefined")
+            raise InvalidUpdateError(
+                "the update is zero on every attacked parameter: its direction is undefined"
+            )
         return keys
 
     def _probe(self, image_shape: Sequence[int]) -> int:
         """Check the model accepts ``image_shape``; return its number of output classes."""
         if len(image_shape) != 4 or any(int(s) < 1 for s in image_shape):
-            raise ValueError(f"image_shape must be (B, C, H, W) with positive sizes, got {tuple(image_shape)}")
+            raise ValueError(
+                f"image_shape must be (B, C, H, W) with positive sizes, got {tuple(image_shape)}"
+            )
         device = _device_of(self.model)
         sim = _Simulator(self.model, LocalRecipe(), self.loss_fn, self.batchnorm)
         x = torch.full(tuple(int(s) for s in image_shape), 0.5, device=device)
@@ -553,9 +524,13 @@ class InvertingGradients:
         logits = out[0] if isinstance(out, (tuple, list)) else out
         if self.task == "segmentation":
             if logits.ndim != 4 or tuple(logits.shape[-2:]) != tuple(x.shape[-2:]):
-                raise ValueError(f"segmentation needs (B, classes, H, W) logits; the model gives {tuple(logits.shape)}")
+                raise ValueError(
+                    f"segmentation needs (B, classes, H, W) logits; the model gives {tuple(logits.shape)}"
+                )
         elif logits.ndim != 2:
-            raise ValueError(f"classification needs (B, classes) logits; the model gives {tuple(logits.shape)}")
+            raise ValueError(
+                f"classification needs (B, classes) logits; the model gives {tuple(logits.shape)}"
+            )
         return int(logits.shape[1])
 
     def _check_targets(self, t: Tensor, shape: tuple[int, ...], num_classes: int, what: str) -> Tensor:
@@ -566,7 +541,9 @@ class InvertingGradients:
         if tuple(t.shape) != shape:
             raise ValueError(f"{what} must have shape {shape} (batch size {shape[0]}), got {tuple(t.shape)}")
         if t.numel() and (int(t.min()) < 0 or int(t.max()) >= num_classes):
-            raise ValueError(f"{what} must be in 0..{num_classes - 1}, got values in {int(t.min())}..{int(t.max())}")
+            raise ValueError(
+                f"{what} must be in 0..{num_classes - 1}, got values in {int(t.min())}..{int(t.max())}"
+            )
         return t.long()
 
     # ---- the attack ---------------------------------------------------------------------------
@@ -611,8 +588,12 @@ class InvertingGradients:
         observed = [update[k].detach().to(device, torch.float32) for k in keys]
         # sum() of tensors is a tensor: keys (checked by attacked_keys) is never empty
         obs_norm = torch.sqrt(cast(Tensor, sum((o * o).sum() for o in observed)))
-        sim = _Simulator(self.model, self.recipe, self.soft_loss if self.soft_loss is not None else self.loss_fn,
-                         self.batchnorm)
+        sim = _Simulator(
+            self.model,
+            self.recipe,
+            self.soft_loss if self.soft_loss is not None else self.loss_fn,
+            self.batchnorm,
+        )
 
         def objective(x: Tensor, mask_logits: Tensor | None) -> Tensor:
             target = fixed_target if mask_logits is None else mask_logits.softmax(dim=1)
@@ -628,12 +609,16 @@ class InvertingGradients:
         restart_losses: list[float] = []
         with self._progress_bar() as bar:
             for r in range(self.restarts):
-                task_id = bar.add_task(f"restart {r + 1}/{self.restarts}", total=self.iterations, loss=float("nan"))
+                task_id = bar.add_task(
+                    f"restart {r + 1}/{self.restarts}", total=self.iterations, loss=float("nan")
+                )
                 gen = torch.Generator().manual_seed(derive_seed(self.seed, r, "inversion"))
                 x = torch.rand(shape, generator=gen).to(device).requires_grad_(True)
                 mask_logits = None
                 if self.masks == "joint" and self.task == "segmentation":
-                    mask_logits = torch.randn((b, num_classes, h, w), generator=gen).to(device).requires_grad_(True)
+                    mask_logits = (
+                        torch.randn((b, num_classes, h, w), generator=gen).to(device).requires_grad_(True)
+                    )
                 variables = [x] if mask_logits is None else [x, mask_logits]
                 opt = torch.optim.Adam(variables, lr=self.lr)
                 milestones = sorted({max(1, int(p * self.iterations)) for p in DECAY_POINTS})
@@ -661,8 +646,12 @@ class InvertingGradients:
                 restart_losses.append(final)
                 bar.update(task_id, completed=self.iterations, loss=final)
                 if best is None or final < best[0]:
-                    best = (final, x.detach().clone(), None if mask_logits is None else mask_logits.detach().clone(),
-                            [float(v) for v in history])
+                    best = (
+                        final,
+                        x.detach().clone(),
+                        None if mask_logits is None else mask_logits.detach().clone(),
+                        [float(v) for v in history],
+                    )
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - start
@@ -675,24 +664,31 @@ class InvertingGradients:
         else:
             assert fixed_target is not None
             out_masks = fixed_target.cpu()
-        return InversionResult(images=images.cpu(), masks=out_masks, loss=final, history=best_history,
-                               seconds=seconds, labels=out_labels, restart_losses=restart_losses,
-                               iterations=self.iterations * self.restarts)
+        return InversionResult(
+            images=images.cpu(),
+            masks=out_masks,
+            loss=final,
+            history=best_history,
+            seconds=seconds,
+            labels=out_labels,
+            restart_losses=restart_losses,
+            iterations=self.iterations * self.restarts,
+        )
 
     def _idlg(self, update: Mapping[str, Tensor], batch_size: int) -> Tensor:
         weight, bias = _head_names(self.model)
         for name in (bias, weight):
             if name is not None and name in update:
                 return recover_labels(update[name], batch_size, is_delta=self.recipe.mode == "fedavg")
-        raise ValueError("labels were not given and the update has no classifier head (last nn.Linear) to recover "
-                         "them from; pass labels=")
+        raise ValueError(
+            "labels were not given and the update has no classifier head (last nn.Linear) to recover "
+            "them from; pass labels="
+        )
 
-    def _progress_bar(self):
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-        return Progress(
-            TextColumn("inversion {task.description}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]:.4f}"), TimeElapsedColumn(),
-            console=Console(stderr=True), disable=not self.progress, transient=False,
+    def _progress_bar(self) -> Progress:
+        return progress_bar(
+            self.progress,
+            "inversion {task.description}",
+            status="loss {task.fields[loss]:.4f}",
+            console=Console(stderr=True),
         )

@@ -43,27 +43,24 @@ the Shokri et al. (2017) shadow-model *classifier* attack (LiRA supersedes it).
 
 from __future__ import annotations
 
-import dataclasses
 import time
-from collections.abc import Callable, Sequence
-from typing import Any, Literal
+from collections.abc import Callable
+from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from privfl.seeding import derive_seed
+from privfl.progress import progress_bar
+from privfl.seeding import derive_seed, seeded
 
 __all__ = [
-    "FederatedTrainer",
     "LiRA",
     "LossThreshold",
     "lira_scores",
     "logit_confidence",
-    "run_membership_experiment",
     "sample_losses",
     "segmentation_scores",
     "shadow_membership",
@@ -74,7 +71,8 @@ ModelFactory = Callable[[], nn.Module]
 
 TrainFn = Callable[[nn.Module, Dataset, int], nn.Module]
 """``train_fn(fresh model, training set, seed) -> trained model``: the training recipe. The target
-and every shadow must be trained by the same one (e.g. one :class:`FederatedTrainer`)."""
+and every shadow must be trained by the same one (e.g. one
+:class:`~privfl.experiments.membership.FederatedTrainer`)."""
 
 Statistic = Callable[[nn.Module, Dataset], Tensor]
 """``statistic(model, dataset) -> (N,)`` per-sample statistic, higher for members."""
@@ -99,14 +97,18 @@ def logit_confidence(logits: Tensor, target: Tensor) -> Tensor:
         raise ValueError(f"logits must be (B, C, ...) with C >= 2 classes, got shape {tuple(logits.shape)}")
     expected = (logits.shape[0], *logits.shape[2:])
     if tuple(target.shape) != expected:
-        raise ValueError(f"dataset/model mismatch: logits {tuple(logits.shape)} need targets of shape {expected}, "
-                         f"got {tuple(target.shape)}")
+        raise ValueError(
+            f"dataset/model mismatch: logits {tuple(logits.shape)} need targets of shape {expected}, "
+            f"got {tuple(target.shape)}"
+        )
     if target.is_floating_point() or target.dtype == torch.bool:
         raise ValueError(f"targets must be integer class indices, got dtype {target.dtype}")
     num_classes = logits.shape[1]
     if target.numel() and (int(target.min()) < 0 or int(target.max()) >= num_classes):
-        raise ValueError(f"dataset/model mismatch: target classes must be in 0..{num_classes - 1}, got "
-                         f"{int(target.min())}..{int(target.max())}")
+        raise ValueError(
+            f"dataset/model mismatch: target classes must be in 0..{num_classes - 1}, got "
+            f"{int(target.min())}..{int(target.max())}"
+        )
     z = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
     t = target.long().unsqueeze(1)
     z_true = z.gather(1, t).squeeze(1)
@@ -139,16 +141,21 @@ def _eval_batches(model: nn.Module, dataset: Dataset, batch_size: int, device: t
                 images, masks = batch
                 out = model(images.to(dev))
                 if not isinstance(out, Tensor):
-                    raise ValueError(f"the model must return a logit tensor in eval mode, got {type(out).__name__}")
+                    raise ValueError(
+                        f"the model must return a logit tensor in eval mode, got {type(out).__name__}"
+                    )
                 if out.ndim != 4:
-                    raise ValueError(f"dataset/model mismatch: expected (B, C, H, W) logits, got {tuple(out.shape)}")
+                    raise ValueError(
+                        f"dataset/model mismatch: expected (B, C, H, W) logits, got {tuple(out.shape)}"
+                    )
                 yield out, masks.to(out.device)
     finally:
         model.train(was_training)
 
 
-def segmentation_scores(model: nn.Module, dataset: Dataset, batch_size: int = 16,
-                        device: torch.device | str | None = None) -> Tensor:
+def segmentation_scores(
+    model: nn.Module, dataset: Dataset, batch_size: int = 16, device: torch.device | str | None = None
+) -> Tensor:
     """Per-sample statistic: the pixel mean of :func:`logit_confidence` of the true class.
 
     ``model`` is evaluated in eval mode (its mode is restored afterwards) on ``dataset``'s
@@ -159,13 +166,20 @@ def segmentation_scores(model: nn.Module, dataset: Dataset, batch_size: int = 16
         ValueError: empty dataset, a model output that is not ``(B, C, H, W)`` logits, or masks that
             do not match the output (spatial size, classes outside ``0..C−1``).
     """
-    out = [logit_confidence(logits, masks).flatten(1).mean(dim=1).double().cpu()
-           for logits, masks in _eval_batches(model, dataset, batch_size, device)]
+    out = [
+        logit_confidence(logits, masks).flatten(1).mean(dim=1).double().cpu()
+        for logits, masks in _eval_batches(model, dataset, batch_size, device)
+    ]
     return torch.cat(out)
 
 
-def sample_losses(model: nn.Module, dataset: Dataset, loss: Callable[[Tensor, Tensor], Tensor] | None = None,
-                  batch_size: int = 16, device: torch.device | str | None = None) -> Tensor:
+def sample_losses(
+    model: nn.Module,
+    dataset: Dataset,
+    loss: Callable[[Tensor, Tensor], Tensor] | None = None,
+    batch_size: int = 16,
+    device: torch.device | str | None = None,
+) -> Tensor:
     """Per-sample loss of ``model`` (eval mode) on ``dataset``, float64 CPU tensor ``(N,)``.
 
     ``loss=None``: pixel-mean cross-entropy. Otherwise ``loss(logits, mask)`` is applied to each
@@ -175,14 +189,29 @@ def sample_losses(model: nn.Module, dataset: Dataset, loss: Callable[[Tensor, Te
     out: list[Tensor] = []
     for logits, masks in _eval_batches(model, dataset, batch_size, device):
         if logits.shape[0] != masks.shape[0] or logits.shape[2:] != masks.shape[1:]:
-            raise ValueError(f"dataset/model mismatch: logits {tuple(logits.shape)}, masks {tuple(masks.shape)}")
+            raise ValueError(
+                f"dataset/model mismatch: logits {tuple(logits.shape)}, masks {tuple(masks.shape)}"
+            )
         if loss is None:
             logit_confidence(logits, masks)  # validates the classes
-            out.append(F.cross_entropy(logits.float(), masks.long(), reduction="none").flatten(1).mean(1)
-                       .double().cpu())
+            out.append(
+                F.cross_entropy(logits.float(), masks.long(), reduction="none")
+                .flatten(1)
+                .mean(1)
+                .double()
+                .cpu()
+            )
         else:
-            out.append(torch.stack([torch.as_tensor(loss(logits[i:i + 1], masks[i:i + 1].long())).reshape(())
-                                    for i in range(logits.shape[0])]).double().cpu())
+            out.append(
+                torch.stack(
+                    [
+                        torch.as_tensor(loss(logits[i : i + 1], masks[i : i + 1].long())).reshape(())
+                        for i in range(logits.shape[0])
+                    ]
+                )
+                .double()
+                .cpu()
+            )
     return torch.cat(out)
 
 
@@ -207,9 +236,13 @@ class LossThreshold:
     calibration set. :meth:`predict` then calls ``score >= threshold`` a member.
     """
 
-    def __init__(self, statistic: Literal["loss", "confidence"] = "loss",
-                 loss: Callable[[Tensor, Tensor], Tensor] | None = None, batch_size: int = 16,
-                 device: torch.device | str | None = None) -> None:
+    def __init__(
+        self,
+        statistic: Literal["loss", "confidence"] = "loss",
+        loss: Callable[[Tensor, Tensor], Tensor] | None = None,
+        batch_size: int = 16,
+        device: torch.device | str | None = None,
+    ) -> None:
         if statistic not in ("loss", "confidence"):
             raise ValueError(f"statistic must be 'loss' or 'confidence', got {statistic!r}")
         self.statistic = statistic
@@ -246,8 +279,9 @@ class LossThreshold:
 
     def fit(self, model: nn.Module, members: Dataset, non_members: Dataset | None = None) -> LossThreshold:
         """Calibrate ``threshold`` on known members (and optionally non-members); returns ``self``."""
-        return self.fit_threshold(self.scores(model, members),
-                                  None if non_members is None else self.scores(model, non_members))
+        return self.fit_threshold(
+            self.scores(model, members), None if non_members is None else self.scores(model, non_members)
+        )
 
     def predict(self, model: nn.Module, dataset: Dataset) -> Tensor:
         """Boolean ``(N,)``: ``score >= threshold`` (needs :meth:`fit` first)."""
@@ -266,7 +300,9 @@ def shadow_membership(num_shadows: int, num_samples: int, seed: int) -> Tensor:
     ``num_shadows // 2`` shadows, chosen uniformly at random (Carlini et al.'s ``keep`` matrix), so
     each shadow trains on about half the population. Deterministic in ``seed``."""
     if num_shadows < 2:
-        raise ValueError(f"LiRA needs num_shadows >= 2 (IN and OUT models for every sample), got {num_shadows}")
+        raise ValueError(
+            f"LiRA needs num_shadows >= 2 (IN and OUT models for every sample), got {num_shadows}"
+        )
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     rng = np.random.default_rng(derive_seed(seed, "lira-shadow-membership"))
@@ -278,8 +314,15 @@ def _normal_logpdf(x: Tensor, mean: Tensor, std: Tensor) -> Tensor:
     return -torch.log(std) - 0.5 * ((x - mean) / std) ** 2
 
 
-def lira_scores(target_stats: Tensor, shadow_stats: Tensor, shadow_in: Tensor, *, online: bool = True,
-                fixed_variance: bool = False, min_std: float = 1e-6) -> Tensor:
+def lira_scores(
+    target_stats: Tensor,
+    shadow_stats: Tensor,
+    shadow_in: Tensor,
+    *,
+    online: bool = True,
+    fixed_variance: bool = False,
+    min_std: float = 1e-6,
+) -> Tensor:
     """LiRA's per-sample test from precomputed statistics (no models involved).
 
     Args:
@@ -308,8 +351,10 @@ def lira_scores(target_stats: Tensor, shadow_stats: Tensor, shadow_in: Tensor, *
     if keep.dtype != torch.bool:
         raise ValueError(f"shadow_in must be a bool tensor, got {keep.dtype}")
     if s.ndim != 2 or x.ndim != 1 or keep.shape != s.shape or s.shape[1] != x.shape[0]:
-        raise ValueError(f"need target_stats (N,), shadow_stats and shadow_in (S, N); got {tuple(x.shape)}, "
-                         f"{tuple(s.shape)}, {tuple(keep.shape)}")
+        raise ValueError(
+            f"need target_stats (N,), shadow_stats and shadow_in (S, N); got {tuple(x.shape)}, "
+            f"{tuple(s.shape)}, {tuple(keep.shape)}"
+        )
     if s.shape[0] < 2:
         raise ValueError(f"LiRA needs at least 2 shadow models, got {s.shape[0]}")
     if not (torch.isfinite(x).all() and torch.isfinite(s).all()):
@@ -354,7 +399,8 @@ class LiRA:
         model_factory: builds a fresh model (the target's architecture); called under a seeded torch
             RNG, so shadow initialisations are deterministic.
         train_fn: ``(model, train subset, seed) -> trained model``; must be the recipe the target was
-            trained with (e.g. the same :class:`FederatedTrainer`, DP-SGD settings included).
+            trained with (e.g. the same :class:`~privfl.experiments.membership.FederatedTrainer`,
+            DP-SGD settings included).
         num_shadows: shadow models (>= 2; every sample is IN for ``num_shadows // 2`` of them).
         online: default variant for :meth:`scores` (online IN/OUT likelihood ratio, or offline).
         fixed_variance: default variance model for :meth:`scores` (see :func:`lira_scores`).
@@ -365,12 +411,24 @@ class LiRA:
     not the models. Both variants can be scored from one set of shadows.
     """
 
-    def __init__(self, model_factory: ModelFactory, train_fn: TrainFn, num_shadows: int = 16, *,
-                 online: bool = True, fixed_variance: bool = False, seed: int = 0,
-                 statistic: Statistic | None = None, batch_size: int = 16,
-                 device: torch.device | str | None = None, progress: bool = True) -> None:
+    def __init__(
+        self,
+        model_factory: ModelFactory,
+        train_fn: TrainFn,
+        num_shadows: int = 16,
+        *,
+        online: bool = True,
+        fixed_variance: bool = False,
+        seed: int = 0,
+        statistic: Statistic | None = None,
+        batch_size: int = 16,
+        device: torch.device | str | None = None,
+        progress: bool = True,
+    ) -> None:
         if int(num_shadows) != num_shadows or num_shadows < 2:
-            raise ValueError(f"LiRA needs num_shadows >= 2 (IN and OUT models for every sample), got {num_shadows}")
+            raise ValueError(
+                f"LiRA needs num_shadows >= 2 (IN and OUT models for every sample), got {num_shadows}"
+            )
         self.model_factory = model_factory
         self.train_fn = train_fn
         self.num_shadows = int(num_shadows)
@@ -380,7 +438,8 @@ class LiRA:
         self.batch_size = batch_size
         self.device = device
         self.statistic: Statistic = statistic or (
-            lambda model, data: segmentation_scores(model, data, self.batch_size, self.device))
+            lambda model, data: segmentation_scores(model, data, self.batch_size, self.device)
+        )
         self.progress = progress
         self.shadow_in: Tensor | None = None
         self.shadow_stats: Tensor | None = None
@@ -393,278 +452,65 @@ class LiRA:
         keep = shadow_membership(self.num_shadows, n, self.seed)
         stats = torch.empty(self.num_shadows, n, dtype=torch.float64)
         self.shadow_seconds = []
-        columns = (TextColumn("[bold]LiRA shadows"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-        with Progress(*columns, disable=not self.progress, transient=False) as bar:
+        with progress_bar(self.progress, "LiRA shadows", status=None) as bar:
             task = bar.add_task("shadows", total=self.num_shadows)
             for i in range(self.num_shadows):
                 t0 = time.perf_counter()
                 members = torch.nonzero(keep[i]).flatten().tolist()
                 if not members:
                     raise ValueError(f"shadow {i} got an empty training half (population of {n})")
-                with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(derive_seed(self.seed, "lira-shadow", i, "init"))
+                with seeded(self.seed, "lira-shadow", i, "init"):
                     model = self.model_factory()
-                    model = self.train_fn(model, Subset(population, members),
-                                          derive_seed(self.seed, "lira-shadow", i, "train"))
-                stats[i] = self._stats(model, population)
+                    model = self.train_fn(
+                        model, Subset(population, members), derive_seed(self.seed, "lira-shadow", i, "train")
+                    )
+                stats[i] = self.statistics(model, population)
                 del model
                 self.shadow_seconds.append(time.perf_counter() - t0)
                 bar.advance(task)
         self.shadow_in, self.shadow_stats = keep, stats
         return self
 
-    def _stats(self, model: nn.Module, population: Dataset) -> Tensor:
+    def statistics(self, model: nn.Module, population: Dataset) -> Tensor:
+        """The per-sample statistic of ``population`` on ``model``, float64 CPU ``(N,)`` (what
+        :meth:`scores_from_stats` takes for the target model)."""
         out = torch.as_tensor(self.statistic(model, population)).double().cpu().flatten()
         if out.shape[0] != len(population):  # type: ignore[arg-type]
             raise ValueError(f"the statistic returned {out.shape[0]} values for {len(population)} samples")  # type: ignore[arg-type]
         return out
 
-    def scores(self, target_model: nn.Module, population: Dataset, *, online: bool | None = None,
-               fixed_variance: bool | None = None) -> Tensor:
+    def scores(
+        self,
+        target_model: nn.Module,
+        population: Dataset,
+        *,
+        online: bool | None = None,
+        fixed_variance: bool | None = None,
+    ) -> Tensor:
         """Membership scores ``(N,)`` of ``population`` (the one the shadows were fitted on) against
         ``target_model``, higher = more likely a member. ``online`` / ``fixed_variance`` override the
         attack's defaults."""
         if self.shadow_stats is None or self.shadow_in is None:
             raise RuntimeError("call fit_shadows(population) before scores()")
         if len(population) != self.shadow_stats.shape[1]:  # type: ignore[arg-type]
-            raise ValueError(f"population has {len(population)} samples, the shadows were fitted on "  # type: ignore[arg-type]
-                             f"{self.shadow_stats.shape[1]}")
-        return self.scores_from_stats(self._stats(target_model, population), online=online,
-                                      fixed_variance=fixed_variance)
+            raise ValueError(
+                f"population has {len(population)} samples, the shadows were fitted on "  # type: ignore[arg-type]
+                f"{self.shadow_stats.shape[1]}"
+            )
+        return self.scores_from_stats(
+            self.statistics(target_model, population), online=online, fixed_variance=fixed_variance
+        )
 
-    def scores_from_stats(self, target_stats: Tensor, *, online: bool | None = None,
-                          fixed_variance: bool | None = None) -> Tensor:
+    def scores_from_stats(
+        self, target_stats: Tensor, *, online: bool | None = None, fixed_variance: bool | None = None
+    ) -> Tensor:
         """:func:`lira_scores` of precomputed target statistics against the fitted shadows."""
         if self.shadow_stats is None or self.shadow_in is None:
             raise RuntimeError("call fit_shadows(population) before scores()")
-        return lira_scores(target_stats, self.shadow_stats, self.shadow_in,
-                           online=self.online if online is None else online,
-                           fixed_variance=self.fixed_variance if fixed_variance is None else fixed_variance)
-
-
-# --------------------------------------------------------------------------------------------
-# the training recipe (target and shadows) and the benchmark experiment
-# --------------------------------------------------------------------------------------------
-
-
-class FederatedTrainer:
-    """A :data:`TrainFn` through privfl's own trainer: ``run_federated(model, [data], None, rounds,
-    ...)`` with one client, no validation split and no test set.
-
-    Keyword arguments go to :func:`~privfl.fl.loop.run_federated` (``config``, ``dp_sgd``,
-    ``augment`` — ``None`` by default here —, ``accelerator``, ``loss_fn``, …). With ``dp_sgd`` whose
-    noise is a seeded (non-secure) source, the noise is re-keyed by the call's seed, so that shadows
-    and target do not share one noise stream. ``last_result`` keeps the last
-    :class:`~privfl.fl.loop.FederatedResult` (history with the accounted ε).
-    """
-
-    def __init__(self, rounds: int = 1, **run_kwargs: Any) -> None:
-        if "val_fraction" in run_kwargs or "test_data" in run_kwargs:
-            raise ValueError("FederatedTrainer trains on all of the given data: no val_fraction / test_data")
-        self.rounds = rounds
-        self.run_kwargs = {"augment": None, "progress": False, **run_kwargs}
-        self.last_result: Any = None
-
-    def __call__(self, model: nn.Module, dataset: Dataset, seed: int) -> nn.Module:
-        from privfl.defenses.rng import SeededNoise
-        from privfl.fl.loop import run_federated
-
-        kwargs = dict(self.run_kwargs)
-        dp = kwargs.get("dp_sgd")
-        if dp is not None and isinstance(dp.noise, SeededNoise):
-            kwargs["dp_sgd"] = dataclasses.replace(dp, noise=SeededNoise(derive_seed(dp.noise.seed, seed)))
-        self.last_result = run_federated(model, [dataset], None, self.rounds, val_fraction=0.0, seed=seed, **kwargs)
-        return self.last_result.model
-
-    @property
-    def last_epsilon(self) -> float | None:
-        """Sample-level ε accounted for the last DP-SGD run (``None`` without DP-SGD)."""
-        if self.last_result is None or not self.last_result.history:
-            return None
-        rec = self.last_result.history[-1].get("sample_privacy")
-        return None if rec is None else float(rec["epsilon"])
-
-
-_VARIANTS = {
-    "lira_online_fixed": (True, True),
-    "lira_online": (True, False),
-    "lira_offline_fixed": (False, True),
-    "lira_offline": (False, False),
-}
-"""Report name -> ``(online, fixed_variance)`` of the LiRA variants the experiment evaluates."""
-
-_PLOTTED = ("lira_online_fixed", "lira_offline_fixed", "loss")
-"""Attacks drawn in the experiment's ROC plot (all of them would be unreadable)."""
-
-
-def _evaluate_scores(scores: Tensor, is_member: Tensor, delta: float | None) -> dict[str, Any]:
-    from privfl.attacks.metrics import attack_summary, empirical_epsilon
-
-    out = dict(attack_summary(scores, is_member))
-    if delta is not None:
-        out["empirical_epsilon"] = float(empirical_epsilon(scores, is_member, delta))
-    return out
-
-
-def _pooled_scores(lira: LiRA, target_stats: Tensor, is_member: Tensor) -> dict[str, tuple[Tensor, Tensor]]:
-    """Scores of every variant over the target *and* each shadow attacked in turn with the other
-    shadows as references (leave-one-out), concatenated: ``(S + 1)·N`` scores per variant. Many more
-    (correlated) trials than the target alone, so AUCs near 0.5 are estimated far more tightly."""
-    assert lira.shadow_stats is not None and lira.shadow_in is not None
-    stats, keep = lira.shadow_stats, lira.shadow_in
-    out: dict[str, tuple[Tensor, Tensor]] = {}
-    labels = torch.cat([is_member, *keep.unbind(0)])
-    for name, (online, fixed) in _VARIANTS.items():
-        parts = [lira_scores(target_stats, stats, keep, online=online, fixed_variance=fixed)]
-        for j in range(stats.shape[0]):
-            rest = [i for i in range(stats.shape[0]) if i != j]
-            parts.append(lira_scores(stats[j], stats[rest], keep[rest], online=online, fixed_variance=fixed))
-        out[name] = (torch.cat(parts), labels)
-    out["confidence"] = (torch.cat([target_stats, *stats.unbind(0)]), labels)
-    return out
-
-
-def _attack_target(name: str, trainer: FederatedTrainer, model_factory: ModelFactory, population: Dataset,
-                   members: Sequence[int], is_member: Tensor, num_shadows: int, seed: int, progress: bool,
-                   delta: float | None, curves: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, Any]:
-    from privfl.attacks.metrics import roc_curve
-
-    t0 = time.perf_counter()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(derive_seed(seed, name, "target-init"))
-        target = trainer(model_factory(), Subset(population, list(members)), derive_seed(seed, name, "target-train"))
-    target_seconds = time.perf_counter() - t0
-    history = trainer.last_result.history
-    epsilon = trainer.last_epsilon
-
-    t0 = time.perf_counter()
-    lira = LiRA(model_factory, trainer, num_shadows, seed=derive_seed(seed, name, "lira"), progress=progress)
-    lira.fit_shadows(population)
-    shadow_seconds = time.perf_counter() - t0
-
-    target_stats = lira._stats(target, population)
-    results: dict[str, Any] = {
-        "train_loss": float(history[-1]["train_loss"]),
-        "epsilon_accounted": epsilon,
-        "target_seconds": target_seconds,
-        "shadow_seconds": shadow_seconds,
-        "mean_stat_members": float(target_stats[is_member].mean()),
-        "mean_stat_non_members": float(target_stats[~is_member].mean()),
-    }
-    attacks = {k: lira.scores_from_stats(target_stats, online=on, fixed_variance=fx)
-               for k, (on, fx) in _VARIANTS.items()}
-    attacks["confidence"] = target_stats
-    attacks["loss"] = LossThreshold("loss").scores(target, population)
-    for attack, scores in attacks.items():
-        results[attack] = _evaluate_scores(scores, is_member, delta)
-        if attack in _PLOTTED:
-            fpr, tpr, _ = roc_curve(scores, is_member)
-            curves[f"{name} {attack}"] = (fpr, tpr)
-    if num_shadows >= 4:  # leave-one-out needs >= 1 IN and OUT shadow per sample among the others
-        results["pooled"] = {attack: _evaluate_scores(scores, labels, delta)
-                             for attack, (scores, labels) in _pooled_scores(lira, target_stats, is_member).items()}
-    return results
-
-
-def run_membership_experiment(
-    *,
-    population_size: int = 64,
-    image_size: int = 32,
-    model: str = "unet",
-    model_kwargs: dict[str, Any] | None = None,
-    num_shadows: int = 8,
-    rounds: int = 1,
-    local_epochs: int = 60,
-    batch_size: int = 8,
-    lr: float = 0.05,
-    dp_epsilon: float | None = 1.0,
-    dp_delta: float = 1e-5,
-    dp_max_grad_norm: float = 1.0,
-    dp_local_epochs: int | None = 20,
-    dp_lr: float | None = 0.01,
-    undefended: bool = True,
-    seed: int = 0,
-    data_seed: int = 0,
-    accelerator: str = "cpu",
-    progress: bool = False,
-    roc_path: str | None = None,
-) -> dict[str, Any]:
-    """Membership inference on an intentionally overfitted segmentation model, with and without DP-SGD.
-
-    A :class:`~privfl.data.synthetic.SyntheticHistology` population of ``population_size`` images
-    (``image_size``², seed ``data_seed``) is split at random into members (half: the target's
-    training set) and non-members. The target — ``build_model(model, **model_kwargs)``, by default
-    a 4-level U-Net with widths (8, 16, 32, 64) (deep enough to memorise 32 images; ``unet-tiny``
-    barely overfits them) — is trained by :class:`FederatedTrainer`: one client, ``rounds`` rounds
-    of ``local_epochs`` epochs, SGD at ``lr``, batch ``batch_size``, no augmentation. It is attacked
-    with LiRA (``num_shadows`` shadows trained by the same recipe; online/offline × per-sample/fixed
-    variance), the raw confidence statistic and the LOSS attack.
-
-    With ``dp_epsilon`` the same is repeated with sample-level DP-SGD calibrated to
-    ``(dp_epsilon, dp_delta)`` over the whole run (clip ``dp_max_grad_norm``; ``dp_local_epochs``
-    epochs at ``dp_lr``, ``None`` for the undefended recipe's — at the undefended lr the noise makes
-    SGD diverge, and fewer epochs keep opacus affordable on a CPU; seeded, non-secure noise for
-    reproducibility) — target and shadows alike — and every attack's empirical ε lower bound
-    (:func:`~privfl.attacks.metrics.empirical_epsilon`) is reported next to the accounted ε.
-    ``undefended=False`` skips the undefended part.
-
-    Returns a dict: ``config``; ``undefended`` and/or ``dp``, each with ``train_loss``,
-    ``epsilon_accounted``, ``target_seconds``, ``shadow_seconds``, the mean statistic of members /
-    non-members, per attack (``lira_online_fixed``, ``lira_online``, ``lira_offline_fixed``,
-    ``lira_offline``, ``confidence``, ``loss``) the :func:`~privfl.attacks.metrics.attack_summary`
-    of the target plus ``empirical_epsilon`` (at ``dp_delta``; the undefended one shows what the audit
-    can detect), and ``pooled`` (``num_shadows >= 4``): the same
-    summaries over the target and every shadow attacked leave-one-out by the others,
-    ``(num_shadows + 1) · population_size`` scores — tighter estimates, not independent trials;
-    ``seconds``. ``roc_path``: also write a log-log ROC plot of the target attacks (LiRA online / offline with
-    fixed variance, LOSS) there.
-
-    Cost (CPU, one torch thread — with tiny models extra threads mostly spin on a shared machine): the
-    defaults take about 1.5 minutes (undefended ≈ 6 s per model, DP-SGD ≈ 5 s, 2 × 9 models).
-    """
-    from privfl.data.synthetic import SyntheticHistology
-    from privfl.defenses.dpsgd import DPSGD
-    from privfl.defenses.rng import SeededNoise
-    from privfl.fl.client import ClientConfig
-    from privfl.models import build_model
-
-    if population_size < 4:
-        raise ValueError(f"population_size must be >= 4, got {population_size}")
-    if not undefended and dp_epsilon is None:
-        raise ValueError("nothing to run: undefended=False and dp_epsilon=None")
-    t_start = time.perf_counter()
-    if model_kwargs is None:
-        model_kwargs = {"widths": (8, 16, 32, 64)} if model == "unet" else {}
-    config = {k: v for k, v in locals().items() if k not in ("t_start",) and not k.startswith("_")
-              and isinstance(v, (int, float, str, dict, type(None)))}
-    population = SyntheticHistology(population_size, size=image_size, seed=data_seed)
-    rng = np.random.default_rng(derive_seed(seed, "target-members"))
-    members = np.sort(rng.permutation(population_size)[: population_size // 2]).tolist()
-    is_member = torch.zeros(population_size, dtype=torch.bool)
-    is_member[members] = True
-    num_classes = SyntheticHistology.num_classes
-
-    def factory() -> nn.Module:
-        return build_model(model, num_classes=num_classes, **model_kwargs)
-
-    curves: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # ROC (fpr, tpr) per attack
-    cfg = ClientConfig(local_epochs=local_epochs, batch_size=batch_size, lr=lr)
-    out: dict[str, Any] = {"config": config}
-    if undefended:
-        plain = FederatedTrainer(rounds, config=cfg, accelerator=accelerator, num_classes=num_classes)
-        out["undefended"] = _attack_target("undefended", plain, factory, population, members, is_member,
-                                           num_shadows, seed, progress, dp_delta, curves)
-    if dp_epsilon is not None:
-        dp_cfg = dataclasses.replace(cfg, local_epochs=local_epochs if dp_local_epochs is None else dp_local_epochs,
-                                     lr=lr if dp_lr is None else dp_lr)
-        dp = DPSGD(max_grad_norm=dp_max_grad_norm, target_epsilon=dp_epsilon, delta=dp_delta,
-                   noise=SeededNoise(derive_seed(seed, "dp-noise")))
-        private = FederatedTrainer(rounds, config=dp_cfg, accelerator=accelerator, dp_sgd=dp, num_classes=num_classes)
-        out["dp"] = _attack_target("dp", private, factory, population, members, is_member, num_shadows, seed,
-                                   progress, dp_delta, curves)
-    if roc_path is not None:
-        from privfl.attacks.metrics import plot_roc
-
-        plot_roc(curves, roc_path, loglog=True)
-    out["seconds"] = time.perf_counter() - t_start
-    return out
+        return lira_scores(
+            target_stats,
+            self.shadow_stats,
+            self.shadow_in,
+            online=self.online if online is None else online,
+            fixed_variance=self.fixed_variance if fixed_variance is None else fixed_variance,
+        )

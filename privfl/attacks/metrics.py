@@ -87,8 +87,10 @@ def _as_batch(name: str, x: Tensor) -> Tensor:
 def _pair(reconstructed: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
     r, t = _as_batch("reconstructed", reconstructed), _as_batch("target", target)
     if r.shape != t.shape:
-        raise ValueError(f"reconstructed and target must have the same shape, got "
-                         f"{tuple(reconstructed.shape)} and {tuple(target.shape)}")
+        raise ValueError(
+            f"reconstructed and target must have the same shape, got "
+            f"{tuple(reconstructed.shape)} and {tuple(target.shape)}"
+        )
     return r, t.to(r.device)
 
 
@@ -186,8 +188,10 @@ def feature_mse(reconstructed: Tensor, target: Tensor, feature_fn: Callable[[Ten
     if not isinstance(fr, torch.Tensor) or not isinstance(ft, torch.Tensor):
         raise TypeError("feature_fn must return tensors")
     if fr.shape != ft.shape or fr.dim() == 0 or fr.shape[0] != b:
-        raise ValueError(f"feature_fn must return (B={b}, ...) features of equal shapes, got "
-                         f"{tuple(fr.shape)} and {tuple(ft.shape)}")
+        raise ValueError(
+            f"feature_fn must return (B={b}, ...) features of equal shapes, got "
+            f"{tuple(fr.shape)} and {tuple(ft.shape)}"
+        )
     d = (fr.detach().to(torch.float64) - ft.detach().to(device=fr.device, dtype=torch.float64)).square()
     return d.reshape(b, -1).mean(dim=1)
 
@@ -335,8 +339,11 @@ def _tpr_at(fpr_curve: np.ndarray, tpr_curve: np.ndarray, target: float) -> floa
 
 
 def _check_fpr(fpr: float) -> float:
-    if isinstance(fpr, bool) or not isinstance(fpr, (int, float, np.integer, np.floating)) \
-            or not 0.0 <= float(fpr) <= 1.0:
+    if (
+        isinstance(fpr, bool)
+        or not isinstance(fpr, (int, float, np.integer, np.floating))
+        or not 0.0 <= float(fpr) <= 1.0
+    ):
         raise ValueError(f"tpr_at_fpr: fpr must be a number in [0, 1], got {fpr!r}")
     return float(fpr)
 
@@ -503,19 +510,26 @@ def empirical_epsilon(
             and with ``split=True`` fewer than 2 members or non-members.
     """
     s, m = _check_scores(scores, is_member)
-    if isinstance(delta, bool) or not isinstance(delta, (int, float, np.integer, np.floating)) \
-            or not 0.0 <= float(delta) < 1.0:
+    if (
+        isinstance(delta, bool)
+        or not isinstance(delta, (int, float, np.integer, np.floating))
+        or not 0.0 <= float(delta) < 1.0
+    ):
         raise ValueError(f"empirical_epsilon: delta must be in [0, 1), got {delta!r}")
-    if isinstance(confidence, bool) or not isinstance(confidence, (int, float, np.integer, np.floating)) \
-            or not 0.0 < float(confidence) < 1.0:
+    if (
+        isinstance(confidence, bool)
+        or not isinstance(confidence, (int, float, np.integer, np.floating))
+        or not 0.0 < float(confidence) < 1.0
+    ):
         raise ValueError(f"empirical_epsilon: confidence must be in (0, 1), got {confidence!r}")
     delta, confidence = float(delta), float(confidence)
     s0, s1 = s[~m], s[m]
     if not split:
         return _eps_at(s0, s1, _best_threshold(s0, s1, delta, confidence), delta, confidence)
     if s0.size < 2 or s1.size < 2:
-        raise ValueError(f"empirical_epsilon: split=True needs >= 2 members and non-members, "
-                         f"got {s1.size} and {s0.size}")
+        raise ValueError(
+            f"empirical_epsilon: split=True needs >= 2 members and non-members, got {s1.size} and {s0.size}"
+        )
     rng = np.random.default_rng(seed)
     p0, p1 = rng.permutation(s0.size), rng.permutation(s1.size)
     h0, h1 = s0.size // 2, s1.size // 2

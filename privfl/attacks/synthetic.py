@@ -22,9 +22,12 @@ import torch
 __all__ = ["distance_to_closest_record"]
 
 
-def distance_to_closest_record(candidates: torch.Tensor, synthetic: torch.Tensor,
-                               candidate_labels: torch.Tensor | None = None,
-                               synthetic_labels: torch.Tensor | None = None) -> torch.Tensor:
+def distance_to_closest_record(
+    candidates: torch.Tensor,
+    synthetic: torch.Tensor,
+    candidate_labels: torch.Tensor | None = None,
+    synthetic_labels: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Membership scores ``(N,)`` (float64): minus the L2 distance of each candidate to its closest
     synthetic record — of the same label when both label tensors are given.
 
@@ -42,8 +45,10 @@ def distance_to_closest_record(candidates: torch.Tensor, synthetic: torch.Tensor
     x = torch.as_tensor(candidates, dtype=torch.float64)
     s = torch.as_tensor(synthetic, dtype=torch.float64)
     if x.ndim != 2 or s.ndim != 2 or x.shape[1] != s.shape[1] or not len(s):
-        raise ValueError(f"need (N, D) candidates and non-empty (M, D) synthetic records, got {tuple(x.shape)} "
-                         f"and {tuple(s.shape)}")
+        raise ValueError(
+            f"need (N, D) candidates and non-empty (M, D) synthetic records, got {tuple(x.shape)} "
+            f"and {tuple(s.shape)}"
+        )
     if (candidate_labels is None) != (synthetic_labels is None):
         raise ValueError("give both label tensors or neither")
     dist = torch.cdist(x, s)

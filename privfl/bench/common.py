@@ -1,15 +1,19 @@
-"""Shared helpers for benchmark subcommands: output folders, machine description, JSON."""
+"""Shared helpers for benchmark subcommands: output folders, machine description, JSON and CSV
+output, table cells, and the end of a comparison subcommand (tables, CSV, figures, report)."""
 
 from __future__ import annotations
 
+import csv
 import datetime as dt
 import json
 import os
 import platform
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+from rich.console import Console
 
 
 def default_out(job: str) -> Path:
@@ -47,10 +51,8 @@ def write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=2, default=float))
 
 
-def console_for(args: Any):
+def console_for(args: Any) -> Console:
     """Rich console for a subcommand: stderr when ``--json`` so stdout carries only the JSON object."""
-    from rich.console import Console
-
     stderr = bool(getattr(args, "json", False))
     console = Console(stderr=stderr)
     # logs and pipes get wide tables instead of rich's 80-column default
@@ -72,11 +74,14 @@ def finish(args: Any, console: Any, out: Path, record: dict[str, Any]) -> int:
 
 
 def add_timm_arguments(p: Any, purpose: str) -> None:
-    """``--timm-model`` / ``--checkpoint``: a timm feature extractor from local weights (``purpose``: what it is for)."""
-    from pathlib import Path as _Path
-
-    p.add_argument("--timm-model", default=None, help=f"{purpose} from this timm model instead of privfl's encoder")
-    p.add_argument("--checkpoint", type=_Path, default=None, help="local weights of --timm-model (nothing is downloaded)")
+    """``--timm-model`` / ``--checkpoint``: a timm feature extractor from local weights (``purpose``: what it
+    is for)."""
+    p.add_argument(
+        "--timm-model", default=None, help=f"{purpose} from this timm model instead of privfl's encoder"
+    )
+    p.add_argument(
+        "--checkpoint", type=Path, default=None, help="local weights of --timm-model (nothing is downloaded)"
+    )
 
 
 def timm_extractor(args: Any, console: Any) -> tuple[bool, Any]:
@@ -87,6 +92,7 @@ def timm_extractor(args: Any, console: Any) -> tuple[bool, Any]:
         return False, None
     if args.timm_model is None:
         return True, None
+    # here, not at the top: timm takes seconds to import, and only dpcvae and dsl need it
     from privfl.sharing.embeddings import timm_encoder
 
     return True, timm_encoder(args.timm_model, args.checkpoint)
@@ -96,4 +102,46 @@ def fmt_cell(value: Any, spec: str = ".3f") -> str:
     """A table cell: ``"—"`` for a missing or NaN value, numbers with ``spec``, anything else as ``str``."""
     if value is None or (isinstance(value, float) and value != value):
         return "—"
-    return format(value, spec) if isinstance(value, (float, int)) and not isinstance(value, bool) else str(value)
+    return (
+        format(value, spec) if isinstance(value, (float, int)) and not isinstance(value, bool) else str(value)
+    )
+
+
+def eps_text(eps: float | None) -> str:
+    """An ε for a table or a label: ``"none"`` without DP, else 3 significant digits."""
+    return "none" if eps is None else f"{eps:.3g}"
+
+
+def write_csv(path: Path, rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> Path:
+    """``rows`` restricted to ``columns``, one line each; ``None`` as an empty cell."""
+    with path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(columns), extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: "" if row.get(k) is None else row[k] for k in columns})
+    return path
+
+
+def write_outputs(
+    args: Any,
+    console: Any,
+    out: Path,
+    record: dict[str, Any],
+    *,
+    show: Sequence[Any],
+    tables: Mapping[str, tuple[Sequence[Mapping[str, Any]], Sequence[str]]],
+    figures: Mapping[str, Callable[[Path], Any]],
+    report: Callable[[Path], Any],
+) -> int:
+    """The end of a comparison subcommand: print ``show`` (tables, lines), write each CSV of
+    ``tables`` (file name → ``(rows, columns)``), draw each figure of ``figures`` (file name →
+    ``draw(path)``), write ``report.md`` with ``report(path)``, then :func:`finish` with ``record``
+    in ``results.json``."""
+    for item in show:
+        console.print(item)
+    for name, (rows, columns) in tables.items():
+        write_csv(out / name, rows, columns)
+    for name, draw in figures.items():
+        draw(out / name)
+    report(out / "report.md")
+    return finish(args, console, out / "results.json", record)

@@ -1,4 +1,5 @@
-"""Privacy calculator: epsilon per accountant, noise calibration to a target epsilon, single-release noise scale.
+"""Privacy calculator: epsilon per accountant, noise calibration to a target epsilon, single-release noise
+scale.
 
 Three modes (sampling rates are Poisson sampling probabilities):
 
@@ -8,8 +9,9 @@ Three modes (sampling rates are Poisson sampling probabilities):
 * ``--target-epsilon E --sample-rate Q --steps T [--delta D] [--accountant rdp]``: the smallest noise
   multiplier that reaches ε <= E, and its ε per accountant. By default it calibrates to the tightest
   of the reported accountants, so the reported ε is <= E and within 1% of it.
-* ``--mechanism gaussian|laplace --epsilon E [--delta D] [--sensitivity S] [--calibration analytic|classical]``:
-  the noise scale of one release (Gaussian σ, Laplace b), in the units of the sensitivity.
+* ``--mechanism gaussian|laplace --epsilon E [--delta D] [--sensitivity S]
+  [--calibration analytic|classical]``: the noise scale of one release (Gaussian σ, Laplace b), in the units
+  of the sensitivity.
 
 ``--json`` prints one JSON object with the same figures on stdout (tables go to stderr).
 """
@@ -39,31 +41,63 @@ def _accountant_list(text: str) -> tuple[str, ...]:
     names = tuple(n.strip() for n in text.split(",") if n.strip())
     bad = [n for n in names if n not in ACCOUNTANTS]
     if not names or bad:
-        raise argparse.ArgumentTypeError(f"expected a comma-separated subset of {','.join(ACCOUNTANTS)}, got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"expected a comma-separated subset of {','.join(ACCOUNTANTS)}, got {text!r}"
+        )
     return names
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     acc = p.add_argument_group("accounting over many releases")
-    acc.add_argument("--noise-multiplier", "-z", type=float, default=None,
-                     help="noise std / L2 sensitivity (clip norm) of each release")
-    acc.add_argument("--target-epsilon", type=float, default=None,
-                     help="calibrate: find the smallest noise multiplier reaching this epsilon")
-    acc.add_argument("--sample-rate", "-q", type=float, default=None,
-                     help="Poisson sampling probability per release (default 1: no sampling)")
+    acc.add_argument(
+        "--noise-multiplier",
+        "-z",
+        type=float,
+        default=None,
+        help="noise std / L2 sensitivity (clip norm) of each release",
+    )
+    acc.add_argument(
+        "--target-epsilon",
+        type=float,
+        default=None,
+        help="calibrate: find the smallest noise multiplier reaching this epsilon",
+    )
+    acc.add_argument(
+        "--sample-rate",
+        "-q",
+        type=float,
+        default=None,
+        help="Poisson sampling probability per release (default 1: no sampling)",
+    )
     acc.add_argument("--steps", "-T", type=int, default=None, help="number of releases (rounds or SGD steps)")
-    acc.add_argument("--accountants", type=_accountant_list, default=None,
-                     help=f"comma-separated accountants to report (default {','.join(ACCOUNTANTS)})")
-    acc.add_argument("--accountant", choices=ACCOUNTANTS, default=None,
-                     help="accountant that --target-epsilon calibrates with (default: the tightest of "
-                          "--accountants, the one reported)")
+    acc.add_argument(
+        "--accountants",
+        type=_accountant_list,
+        default=None,
+        help=f"comma-separated accountants to report (default {','.join(ACCOUNTANTS)})",
+    )
+    acc.add_argument(
+        "--accountant",
+        choices=ACCOUNTANTS,
+        default=None,
+        help="accountant that --target-epsilon calibrates with (default: the tightest of "
+        "--accountants, the one reported)",
+    )
     one = p.add_argument_group("one release")
     one.add_argument("--mechanism", choices=("gaussian", "laplace"), default=None)
     one.add_argument("--epsilon", type=float, default=None, help="epsilon of the single release")
-    one.add_argument("--sensitivity", type=float, default=None,
-                     help="L2 (Gaussian) or L1 (Laplace) sensitivity (default 1)")
-    one.add_argument("--calibration", choices=("analytic", "classical"), default=None,
-                     help="Gaussian calibration (default analytic; classical only for epsilon < 1)")
+    one.add_argument(
+        "--sensitivity",
+        type=float,
+        default=None,
+        help="L2 (Gaussian) or L1 (Laplace) sensitivity (default 1)",
+    )
+    one.add_argument(
+        "--calibration",
+        choices=("analytic", "classical"),
+        default=None,
+        help="Gaussian calibration (default analytic; classical only for epsilon < 1)",
+    )
     p.add_argument("--delta", type=float, default=None, help=f"target delta (default {DEFAULT_DELTA:g})")
     p.set_defaults(_parser=p)
 
@@ -75,10 +109,14 @@ def _given(args: argparse.Namespace, *names: str) -> list[str]:
 def _validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> str:
     """The mode ("accounting", "calibrate" or "mechanism"); argparse error on a bad combination."""
     if args.mechanism is not None:
-        extra = _given(args, "noise_multiplier", "target_epsilon", "sample_rate", "steps", "accountants", "accountant")
+        extra = _given(
+            args, "noise_multiplier", "target_epsilon", "sample_rate", "steps", "accountants", "accountant"
+        )
         if extra:
-            parser.error(f"--mechanism computes one release's noise scale; {', '.join(extra)} belong to "
-                         "accounting over many releases")
+            parser.error(
+                f"--mechanism computes one release's noise scale; {', '.join(extra)} belong to "
+                "accounting over many releases"
+            )
         if args.epsilon is None:
             parser.error("--mechanism needs --epsilon")
         if args.mechanism == "laplace":
@@ -90,8 +128,10 @@ def _validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> str:
     if extra:
         parser.error(f"{', '.join(extra)} need --mechanism gaussian|laplace")
     if (args.noise_multiplier is None) == (args.target_epsilon is None):
-        parser.error("give exactly one of --noise-multiplier (epsilon from noise) and --target-epsilon "
-                     "(noise from epsilon), or --mechanism for one release")
+        parser.error(
+            "give exactly one of --noise-multiplier (epsilon from noise) and --target-epsilon "
+            "(noise from epsilon), or --mechanism for one release"
+        )
     if args.steps is None:
         parser.error("accounting needs --steps (number of releases)")
     if args.noise_multiplier is not None and args.accountant is not None:
@@ -108,18 +148,31 @@ def _finite(x: Any) -> Any:
     return x
 
 
-def _accounting_record(z: float, q: float, steps: int, delta: float, names: tuple[str, ...]) -> dict[str, Any]:
+def _accounting_record(
+    z: float, q: float, steps: int, delta: float, names: tuple[str, ...]
+) -> dict[str, Any]:
     acct = PrivacyAccountant(delta=delta, accountants=names)
     acct.record_gaussian(z, q, steps)
     report = acct.epsilon()
-    return {"noise_multiplier": z, "sample_rate": q, "steps": steps, "delta": delta, "epsilon": report.epsilon,
-            "accountant": report.accountant, "by_accountant": dict(report.by_accountant),
-            "skipped": dict(report.skipped)}
+    return {
+        "noise_multiplier": z,
+        "sample_rate": q,
+        "steps": steps,
+        "delta": delta,
+        "epsilon": report.epsilon,
+        "accountant": report.accountant,
+        "by_accountant": dict(report.by_accountant),
+        "skipped": dict(report.skipped),
+    }
 
 
 def _accounting_table(rec: dict[str, Any], title: str) -> Table:
     table = Table(title=title)
-    columns: tuple[tuple[str, JustifyMethod], ...] = (("accountant", "left"), ("epsilon", "right"), ("", "left"))
+    columns: tuple[tuple[str, JustifyMethod], ...] = (
+        ("accountant", "left"),
+        ("epsilon", "right"),
+        ("", "left"),
+    )
     for col, justify in columns:
         table.add_column(col, justify=justify)
     for name, eps in rec["by_accountant"].items():
@@ -143,16 +196,32 @@ def run(args: argparse.Namespace) -> int:
                 fn = analytic_gaussian_sigma if how == "analytic" else classical_gaussian_sigma
                 sigma = fn(args.epsilon, delta, sens)
                 rec: dict[str, Any] = {
-                    "mode": mode, "mechanism": "gaussian", "epsilon": args.epsilon, "delta": delta,
-                    "sensitivity": sens, "calibration": how, "sigma": sigma, "noise_multiplier": sigma / sens,
-                    "exact_delta": balle_wang_delta(sigma, args.epsilon, sens)}
-                rows = [("σ (noise std)", f"{sigma:.7g}"), ("noise multiplier σ/Δ", f"{sigma / sens:.7g}"),
-                        ("exact δ at this σ (Balle–Wang)", f"{rec['exact_delta']:.4g}")]
+                    "mode": mode,
+                    "mechanism": "gaussian",
+                    "epsilon": args.epsilon,
+                    "delta": delta,
+                    "sensitivity": sens,
+                    "calibration": how,
+                    "sigma": sigma,
+                    "noise_multiplier": sigma / sens,
+                    "exact_delta": balle_wang_delta(sigma, args.epsilon, sens),
+                }
+                rows = [
+                    ("σ (noise std)", f"{sigma:.7g}"),
+                    ("noise multiplier σ/Δ", f"{sigma / sens:.7g}"),
+                    ("exact δ at this σ (Balle–Wang)", f"{rec['exact_delta']:.4g}"),
+                ]
                 title = f"Gaussian mechanism ({how}): ε = {args.epsilon:g}, δ = {delta:g}, Δ₂ = {sens:g}"
             else:
                 b = laplace_scale(args.epsilon, sens)
-                rec = {"mode": mode, "mechanism": "laplace", "epsilon": args.epsilon, "sensitivity": sens,
-                       "scale": b, "noise_multiplier": b / sens}
+                rec = {
+                    "mode": mode,
+                    "mechanism": "laplace",
+                    "epsilon": args.epsilon,
+                    "sensitivity": sens,
+                    "scale": b,
+                    "noise_multiplier": b / sens,
+                }
                 rows = [("b (Laplace scale)", f"{b:.7g}"), ("noise multiplier b/Δ₁", f"{b / sens:.7g}")]
                 title = f"Laplace mechanism: ε = {args.epsilon:g}, Δ₁ = {sens:g}"
             table = Table(title=title)
@@ -166,14 +235,22 @@ def run(args: argparse.Namespace) -> int:
             if mode == "calibrate":
                 with_ = args.accountant or ("tightest" if len(names) > 1 else names[0])
                 z = calibrate(args.target_epsilon, delta, args.steps, q, args.accountant or tuple(names))
-                rec = {"mode": mode, "target_epsilon": args.target_epsilon, "calibrated_with": with_,
-                       **_accounting_record(z, q, args.steps, delta, names)}
-                title = (f"noise multiplier z = {z:.6g} reaches ε ≤ {args.target_epsilon:g} ({with_}) after "
-                         f"{args.steps} steps, q = {q:g}, δ = {delta:g}")
+                rec = {
+                    "mode": mode,
+                    "target_epsilon": args.target_epsilon,
+                    "calibrated_with": with_,
+                    **_accounting_record(z, q, args.steps, delta, names),
+                }
+                title = (
+                    f"noise multiplier z = {z:.6g} reaches ε ≤ {args.target_epsilon:g} ({with_}) after "
+                    f"{args.steps} steps, q = {q:g}, δ = {delta:g}"
+                )
             else:
                 rec = {"mode": mode, **_accounting_record(args.noise_multiplier, q, args.steps, delta, names)}
-                title = (f"ε after {args.steps} steps: z = {args.noise_multiplier:g}, q = {q:g} "
-                         f"(Poisson), δ = {delta:g}")
+                title = (
+                    f"ε after {args.steps} steps: z = {args.noise_multiplier:g}, q = {q:g} "
+                    f"(Poisson), δ = {delta:g}"
+                )
             table = _accounting_table(rec, title)
     except ValueError as e:
         parser.error(str(e))

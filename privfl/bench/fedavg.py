@@ -41,12 +41,23 @@ def run(args: argparse.Namespace) -> int:
     clients = partition(train, args.partition, args.clients, seed=args.seed)
     model = build_model(args.model, num_classes=SyntheticHistology.num_classes)
     config = ClientConfig(local_epochs=args.local_epochs, batch_size=args.batch_size, lr=args.lr)
-    console.print(f"FedAvg: {args.model}, {args.clients} clients ({args.partition}), {args.rounds} rounds, "
-                  f"{args.size}px, {sum(p.numel() for p in model.parameters()):,} parameters → {out}")
+    console.print(
+        f"FedAvg: {args.model}, {args.clients} clients ({args.partition}), {args.rounds} rounds, "
+        f"{args.size}px, {sum(p.numel() for p in model.parameters()):,} parameters → {out}"
+    )
     t0 = time.perf_counter()
-    result = run_federated(model, clients, test, args.rounds, config=config, seed=args.seed,
-                           checkpoint_dir=out / "checkpoint", resume=args.resume, accelerator=args.device,
-                           progress=not args.json)
+    result = run_federated(
+        model,
+        clients,
+        test,
+        args.rounds,
+        config=config,
+        seed=args.seed,
+        checkpoint_dir=out / "checkpoint",
+        resume=args.resume,
+        accelerator=args.device,
+        progress=not args.json,
+    )
     seconds = time.perf_counter() - t0
 
     table = Table(title="FedAvg on SyntheticHistology (test split, classes 1..3)")
@@ -54,10 +65,20 @@ def run(args: argparse.Namespace) -> int:
         table.add_column(col, justify="right")
     for rec in result.history:
         t = rec["test"]
-        table.add_row(str(rec["round"] + 1), f"{rec['train_loss']:.4f}", f"{t['dice']:.4f}", f"{t['jaccard']:.4f}",
-                      f"{t['accuracy']:.4f}", f"{rec['seconds']:.1f}")
+        table.add_row(
+            str(rec["round"] + 1),
+            f"{rec['train_loss']:.4f}",
+            f"{t['dice']:.4f}",
+            f"{t['jaccard']:.4f}",
+            f"{t['accuracy']:.4f}",
+            f"{rec['seconds']:.1f}",
+        )
     console.print(table)
-    record = {"args": {k: str(v) for k, v in vars(args).items()}, "machine": machine(), "seconds": seconds,
-              "history": result.history}
+    record = {
+        "args": {k: str(v) for k, v in vars(args).items()},
+        "machine": machine(),
+        "seconds": seconds,
+        "history": result.history,
+    }
     console.print(f"total {seconds:.1f} s")
     return finish(args, console, out / "results.json", record)

@@ -26,17 +26,29 @@ from typing import Any
 from rich.table import Table
 
 from privfl.bench import paper_tables as pt
-from privfl.bench.common import console_for, default_out, finish, machine
+from privfl.bench.common import console_for, default_out, eps_text, finish, machine, write_csv
 
 NAME = "fedavg-vs-feddp"
 SETTINGS = ("centralized", "FL", "FedDP")
-CSV_COLUMNS = ("model", "setting", "dice", "jaccard", "accuracy", "epsilon", "delta", "paper_epsilon",
-               "train_seconds")
+CSV_COLUMNS = (
+    "model",
+    "setting",
+    "dice",
+    "jaccard",
+    "accuracy",
+    "epsilon",
+    "delta",
+    "paper_epsilon",
+    "train_seconds",
+)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--models", default=None,
-                   help="comma-separated models (default: the preset's, dhunet-tiny,unet for cpu-quick)")
+    p.add_argument(
+        "--models",
+        default=None,
+        help="comma-separated models (default: the preset's, dhunet-tiny,unet for cpu-quick)",
+    )
     pt.add_common_arguments(p)
 
 
@@ -48,8 +60,16 @@ def table(rows: list[dict[str, Any]], title: str) -> Table:
         t.add_column(col, justify="right")
     for r in rows:
         paper = "—" if r["paper_epsilon"] is None else f"{r['paper_epsilon']:.3g}"
-        t.add_row(r["model"], r["setting"], f"{r['dice']:.4f}", f"{r['jaccard']:.4f}", f"{r['accuracy']:.4f}",
-                  pt.eps_text(r["epsilon"]), paper, f"{r['train_seconds']:.1f}")
+        t.add_row(
+            r["model"],
+            r["setting"],
+            f"{r['dice']:.4f}",
+            f"{r['jaccard']:.4f}",
+            f"{r['accuracy']:.4f}",
+            eps_text(r["epsilon"]),
+            paper,
+            f"{r['train_seconds']:.1f}",
+        )
     return t
 
 
@@ -67,8 +87,10 @@ def run(args: argparse.Namespace) -> int:
     out = args.out or default_out(NAME)
     out.mkdir(parents=True, exist_ok=True)
     progress = not args.no_progress and not args.json
-    console.print(f"{NAME} ({args.preset}): {', '.join(preset.models)}; {federation.describe()}; "
-                  f"{preset.rounds} rounds → {out}")
+    console.print(
+        f"{NAME} ({args.preset}): {', '.join(preset.models)}; {federation.describe()}; "
+        f"{preset.rounds} rounds → {out}"
+    )
     pooled = pt.centralized(federation)
     t0 = time.perf_counter()
     rows: list[dict[str, Any]] = []
@@ -76,18 +98,34 @@ def run(args: argparse.Namespace) -> int:
         for setting in SETTINGS:
             data = pooled if setting == "centralized" else federation
             defense = pt.feddp(pt.FEDDP_SIGMA, pt.FEDDP_CLIP, args.seed) if setting == "FedDP" else None
-            row = {"model": name, "setting": setting,
-                   "sigma": pt.FEDDP_SIGMA if defense else None, "clip": pt.FEDDP_CLIP if defense else None,
-                   **pt.run_row(data, base, defense, preset, seed=args.seed, progress=progress)}
+            row = {
+                "model": name,
+                "setting": setting,
+                "sigma": pt.FEDDP_SIGMA if defense else None,
+                "clip": pt.FEDDP_CLIP if defense else None,
+                **pt.run_row(data, base, defense, preset, seed=args.seed, progress=progress),
+            }
             rows.append(row)
-            console.print(f"  {name:<12} {setting:<12} Dice {row['dice']:.4f}  ε {pt.eps_text(row['epsilon'])}  "
-                          f"{row['train_seconds']:.1f} s")
+            console.print(
+                f"  {name:<12} {setting:<12} Dice {row['dice']:.4f}  ε {eps_text(row['epsilon'])}  "
+                f"{row['train_seconds']:.1f} s"
+            )
     results = {
-        "subcommand": NAME, "preset": args.preset, "config": pt.config_record(preset, args),
-        "feddp": {"sigma": pt.FEDDP_SIGMA, "clip": pt.FEDDP_CLIP}, "data": federation.describe(),
-        "machine": machine(), "seconds": time.perf_counter() - t0, "rows": rows,
+        "subcommand": NAME,
+        "preset": args.preset,
+        "config": pt.config_record(preset, args),
+        "feddp": {"sigma": pt.FEDDP_SIGMA, "clip": pt.FEDDP_CLIP},
+        "data": federation.describe(),
+        "machine": machine(),
+        "seconds": time.perf_counter() - t0,
+        "rows": rows,
     }
-    pt.write_csv(out / "results.csv", rows, CSV_COLUMNS)
-    console.print(table(rows, f"{NAME} ({args.preset}): {preset.rounds} rounds, {preset.clients} clients, "
-                              f"{preset.size}px — test metrics on classes 1..3"))
+    write_csv(out / "results.csv", rows, CSV_COLUMNS)
+    console.print(
+        table(
+            rows,
+            f"{NAME} ({args.preset}): {preset.rounds} rounds, {preset.clients} clients, "
+            f"{preset.size}px — test metrics on classes 1..3",
+        )
+    )
     return finish(args, console, out / "results.json", results)

@@ -10,7 +10,7 @@ In one run on one machine, for K clients each holding an update of ``--params`` 
   scaling, encryption, serialization — exactly the payload bytes ``CKKSAggregation.protect`` sends),
   ``CKKSServer.sum_chunks`` (server: deserialize, add, serialize) and ``CKKSClient.decrypt_chunk``
   (key holder: deserialize, decrypt, decode), so memory stays bounded at 55.4 M parameters.
-* the anchor (DESIGN.md "Benchmark anchors"): the per-layer TenSEAL recipe most FL stacks use —
+* the anchor (docs/ckks.md, "Benchmark"): the per-layer TenSEAL recipe most FL stacks use —
   context N = 8192, coeff_mod_bit_sizes [60, 40, 40, 60], global scale 2**40, public-key
   encryption (TenSEAL's default), one ``ts.ckks_vector`` per layer (TenSEAL splits a layer longer
   than 4096 values into several ciphertexts), the server multiplies each vector by the client's
@@ -26,8 +26,9 @@ values, each client's update then clipped to L2 norm ``--clip`` (as ``ClipUpdate
 public bound. Weights: proportional to random dataset sizes; ``--dropouts`` clients (the last ones)
 send nothing, the mean is renormalised over the others.
 
-Targets (the issue): ``precise`` client protect ≥ 3× faster and ≥ 1.4× fewer bytes than the anchor,
-error ≤ 1e-7 × max |value|; ``compact`` ≤ 35 bytes per parameter at error ≤ 1e-4 × max |value|.
+Targets (docs/ckks.md, "Benchmark"): ``precise`` client protect ≥ 3× faster and ≥ 1.4× fewer bytes
+than the anchor, error ≤ 1e-7 × max |value|; ``compact`` ≤ 35 bytes per parameter at error ≤ 1e-4 ×
+max |value|.
 """
 
 from __future__ import annotations
@@ -56,8 +57,12 @@ TARGET_SPEEDUP = 3.0  # precise client protect vs anchor
 TARGET_BYTES_RATIO = 1.4  # anchor bytes / precise bytes
 TARGET_COMPACT_BYTES = 35.0  # bytes per parameter
 ANCHOR: dict[str, Any] = {
-    "poly_modulus_degree": 8192, "coeff_mod_bit_sizes": [60, 40, 40, 60], "global_scale_bits": 40,
-    "encryption": "public key (TenSEAL default)", "packing": "one ts.ckks_vector per layer"}
+    "poly_modulus_degree": 8192,
+    "coeff_mod_bit_sizes": [60, 40, 40, 60],
+    "global_scale_bits": 40,
+    "encryption": "public key (TenSEAL default)",
+    "packing": "one ts.ckks_vector per layer",
+}
 
 
 # --------------------------------------------------------------------------------------------
@@ -92,15 +97,16 @@ def layer_layout(params: int, base: list[tuple[str, int]]) -> list[tuple[str, in
 def make_updates(layers: list[tuple[str, int]], clients: int, clip: float, seed: int) -> list[torch.Tensor]:
     """One float32 vector per client: per-layer Gaussian values, then clipped to L2 norm ``clip``."""
     g = torch.Generator().manual_seed(seed)
-    scales = torch.exp(torch.empty(len(layers), dtype=torch.float64).uniform_(math.log(1e-4), math.log(1e-2),
-                                                                              generator=g))
+    scales = torch.exp(
+        torch.empty(len(layers), dtype=torch.float64).uniform_(math.log(1e-4), math.log(1e-2), generator=g)
+    )
     n = sum(k for _, k in layers)
     out = []
     for _ in range(clients):
         vec = torch.randn(n, generator=g, dtype=torch.float32)
         off = 0
         for (_, k), s in zip(layers, scales.tolist()):
-            vec[off:off + k] *= s
+            vec[off : off + k] *= s
             off += k
         norm = float(torch.linalg.vector_norm(vec, dtype=torch.float64))
         if norm > clip:
@@ -120,9 +126,17 @@ def make_weights(clients: int, seed: int) -> list[float]:
 # --------------------------------------------------------------------------------------------
 
 
-def measure_preset(name: str, vecs: list[torch.Tensor], spec: UpdateSpec, weights: list[float], senders: list[int],
-                   bound: float, threads: int | None) -> dict[str, Any]:
-    """Stream one preset chunk by chunk: all senders encrypt chunk c, the server adds, the key holder decrypts."""
+def measure_preset(
+    name: str,
+    vecs: list[torch.Tensor],
+    spec: UpdateSpec,
+    weights: list[float],
+    senders: list[int],
+    bound: float,
+    threads: int | None,
+) -> dict[str, Any]:
+    """Stream one preset chunk by chunk: all senders encrypt chunk c, the server adds, the key holder
+    decrypts."""
     preset = PRESETS[name]
     t0 = time.perf_counter()
     keys = CKKSKeys.generate(name, threads)
@@ -161,7 +175,7 @@ def measure_preset(name: str, vecs: list[torch.Tensor], spec: UpdateSpec, weight
         dec_s += time.perf_counter() - t0
         ref = np.zeros(count)
         for i in senders:
-            piece = vecs[i][start:start + count].numpy().astype(np.float64)
+            piece = vecs[i][start : start + count].numpy().astype(np.float64)
             ref += weights[i] * piece
             max_val = max(max_val, float(np.abs(piece).max()))
         ref /= w_sum
@@ -172,16 +186,29 @@ def measure_preset(name: str, vecs: list[torch.Tensor], spec: UpdateSpec, weight
     mean_bytes = sum(sent.values()) / len(senders)
     rel = max_err / max_val if max_val > 0 else 0.0
     return {
-        "recipe": name, "measured_params": n, "extrapolated": False,
-        "poly_modulus_degree": preset.poly_modulus_degree, "coeff_mod_bit_sizes": list(preset.coeff_mod_bit_sizes),
-        "scale_bits": preset.scale_bits, "headroom_bits": preset.headroom_bits,
-        "ciphertexts_per_client": preset.ciphertexts(n), "keygen_s": keygen_s,
-        "protect_s_per_client": mean_protect, "protect_s_by_client": protect_s,
-        "aggregate_s": agg_s, "decrypt_s": dec_s,
-        "bytes_per_client": mean_bytes, "bytes_per_param": mean_bytes / n, "aggregate_bytes": agg_bytes,
-        "max_abs_error": max_err, "max_abs_value": max_val, "relative_error": rel,
-        "error_bound": preset.max_abs_error(bound, len(senders), w_sum), "error_target": preset.error_target,
-        "error_ok": rel <= preset.error_target and max_err <= preset.max_abs_error(bound, len(senders), w_sum),
+        "recipe": name,
+        "measured_params": n,
+        "extrapolated": False,
+        "poly_modulus_degree": preset.poly_modulus_degree,
+        "coeff_mod_bit_sizes": list(preset.coeff_mod_bit_sizes),
+        "scale_bits": preset.scale_bits,
+        "headroom_bits": preset.headroom_bits,
+        "ciphertexts_per_client": preset.ciphertexts(n),
+        "keygen_s": keygen_s,
+        "protect_s_per_client": mean_protect,
+        "protect_s_by_client": protect_s,
+        "aggregate_s": agg_s,
+        "decrypt_s": dec_s,
+        "bytes_per_client": mean_bytes,
+        "bytes_per_param": mean_bytes / n,
+        "aggregate_bytes": agg_bytes,
+        "max_abs_error": max_err,
+        "max_abs_value": max_val,
+        "relative_error": rel,
+        "error_bound": preset.max_abs_error(bound, len(senders), w_sum),
+        "error_target": preset.error_target,
+        "error_ok": rel <= preset.error_target
+        and max_err <= preset.max_abs_error(bound, len(senders), w_sum),
     }
 
 
@@ -218,12 +245,18 @@ def anchor_subset(layers: list[tuple[str, int]], max_params: int) -> list[int]:
             return idx
 
 
-def measure_anchor(layers: list[tuple[str, int]], vecs: list[torch.Tensor], weights: list[float],
-                   senders: list[int], max_params: int) -> dict[str, Any]:
+def measure_anchor(
+    layers: list[tuple[str, int]],
+    vecs: list[torch.Tensor],
+    weights: list[float],
+    senders: list[int],
+    max_params: int,
+) -> dict[str, Any]:
     """Per-layer TenSEAL recipe on (a strided subset of) the layers, extrapolated per ciphertext."""
     t0 = time.perf_counter()
-    ctx = ts.context(ts.SCHEME_TYPE.CKKS, ANCHOR["poly_modulus_degree"],
-                     coeff_mod_bit_sizes=ANCHOR["coeff_mod_bit_sizes"])
+    ctx = ts.context(
+        ts.SCHEME_TYPE.CKKS, ANCHOR["poly_modulus_degree"], coeff_mod_bit_sizes=ANCHOR["coeff_mod_bit_sizes"]
+    )
     ctx.global_scale = 2.0 ** ANCHOR["global_scale_bits"]
     server_ctx = ts.context_from(ctx.serialize(save_secret_key=False))  # public key + relin keys
     keygen_s = time.perf_counter() - t0
@@ -270,17 +303,32 @@ def measure_anchor(layers: list[tuple[str, int]], vecs: list[torch.Tensor], weig
     mean_protect = sum(protect_s.values()) / len(senders)
     mean_bytes = sum(sent.values()) / len(senders)
     return {
-        "recipe": "anchor (per-layer)", **ANCHOR,
-        "layers_total": len(layers), "layers_measured": len(idx),
-        "layer_stride": idx[1] - idx[0] if len(idx) > 1 else 1, "measured_params": measured_params,
-        "ciphertexts_per_client": cts_all, "ciphertexts_measured": cts_measured,
-        "extrapolated": factor != 1.0, "extrapolation_factor": factor, "keygen_s": keygen_s,
-        "measured": {"protect_s_per_client": mean_protect, "aggregate_s": agg_s, "decrypt_s": dec_s,
-                     "bytes_per_client": mean_bytes, "aggregate_bytes": agg_bytes},
-        "protect_s_per_client": mean_protect * factor, "aggregate_s": agg_s * factor, "decrypt_s": dec_s * factor,
-        "bytes_per_client": mean_bytes * factor, "bytes_per_param": mean_bytes * factor / total,
+        "recipe": "anchor (per-layer)",
+        **ANCHOR,
+        "layers_total": len(layers),
+        "layers_measured": len(idx),
+        "layer_stride": idx[1] - idx[0] if len(idx) > 1 else 1,
+        "measured_params": measured_params,
+        "ciphertexts_per_client": cts_all,
+        "ciphertexts_measured": cts_measured,
+        "extrapolated": factor != 1.0,
+        "extrapolation_factor": factor,
+        "keygen_s": keygen_s,
+        "measured": {
+            "protect_s_per_client": mean_protect,
+            "aggregate_s": agg_s,
+            "decrypt_s": dec_s,
+            "bytes_per_client": mean_bytes,
+            "aggregate_bytes": agg_bytes,
+        },
+        "protect_s_per_client": mean_protect * factor,
+        "aggregate_s": agg_s * factor,
+        "decrypt_s": dec_s * factor,
+        "bytes_per_client": mean_bytes * factor,
+        "bytes_per_param": mean_bytes * factor / total,
         "aggregate_bytes": agg_bytes * factor,
-        "max_abs_error": max_err, "max_abs_value": max_val,
+        "max_abs_error": max_err,
+        "max_abs_value": max_val,
         "relative_error": max_err / max_val if max_val > 0 else 0.0,
     }
 
@@ -290,12 +338,23 @@ def measure_anchor(layers: list[tuple[str, int]], vecs: list[torch.Tensor], weig
 # --------------------------------------------------------------------------------------------
 
 
-def run_benchmark(params: int, clients: int, dropouts: int = 0, presets: tuple[str, ...] = ("precise", "compact"),
-                  anchor_params: int = 4_000_000, clip: float = 1.0, bound: float | None = None, seed: int = 0,
-                  threads: int | None = None, anchor: bool = True) -> dict[str, Any]:
+def run_benchmark(
+    params: int,
+    clients: int,
+    dropouts: int = 0,
+    presets: tuple[str, ...] = ("precise", "compact"),
+    anchor_params: int = 4_000_000,
+    clip: float = 1.0,
+    bound: float | None = None,
+    seed: int = 0,
+    threads: int | None = None,
+    anchor: bool = True,
+) -> dict[str, Any]:
     """Measure every recipe on the same updates; return the figures, ratios and target verdicts."""
     if params < 1 or clients < 1 or not 0 <= dropouts < clients:
-        raise ValueError(f"need params >= 1, clients >= 1, 0 <= dropouts < clients; got {params}, {clients}, {dropouts}")
+        raise ValueError(
+            f"need params >= 1, clients >= 1, 0 <= dropouts < clients; got {params}, {clients}, {dropouts}"
+        )
     layers = layer_layout(params, dhunet_layers())
     vecs = make_updates(layers, clients, clip, seed)
     spec = UpdateSpec(tuple(_entries(layers)), torch.float32)
@@ -323,15 +382,27 @@ def run_benchmark(params: int, clients: int, dropouts: int = 0, presets: tuple[s
             verdicts["compact_error"] = r["error_ok"]
             verdicts["compact_bytes"] = r["bytes_per_param"] <= TARGET_COMPACT_BYTES
     return {
-        "params": params, "clients": clients, "dropouts": dropouts, "senders": len(senders),
-        "weights": weights, "clip": clip, "bound": b, "layers": len(layers),
+        "params": params,
+        "clients": clients,
+        "dropouts": dropouts,
+        "senders": len(senders),
+        "weights": weights,
+        "clip": clip,
+        "bound": b,
+        "layers": len(layers),
         "layout": "DHU-Net float state_dict entries in order, truncated/repeated to params",
-        "threads": threads or os.cpu_count(), "rows": rows, "anchor": anchor_row,
-        "targets": {"precise_protect_speedup": TARGET_SPEEDUP, "precise_bytes_ratio": TARGET_BYTES_RATIO,
-                    "compact_bytes_per_param": TARGET_COMPACT_BYTES,
-                    "precise_relative_error": PRESETS["precise"].error_target,
-                    "compact_relative_error": PRESETS["compact"].error_target},
-        "verdicts": verdicts, "all_pass": all(verdicts.values()),
+        "threads": threads or os.cpu_count(),
+        "rows": rows,
+        "anchor": anchor_row,
+        "targets": {
+            "precise_protect_speedup": TARGET_SPEEDUP,
+            "precise_bytes_ratio": TARGET_BYTES_RATIO,
+            "compact_bytes_per_param": TARGET_COMPACT_BYTES,
+            "precise_relative_error": PRESETS["precise"].error_target,
+            "compact_relative_error": PRESETS["compact"].error_target,
+        },
+        "verdicts": verdicts,
+        "all_pass": all(verdicts.values()),
         "load_avg_1min": [load_before, os.getloadavg()[0]],
     }
 
@@ -345,16 +416,26 @@ def _entries(layers: list[tuple[str, int]]) -> list[SpecEntry]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--params", type=int, default=DEFAULT_PARAMS, help=f"values per update (default {DEFAULT_PARAMS:,})")
+    p.add_argument(
+        "--params", type=int, default=DEFAULT_PARAMS, help=f"values per update (default {DEFAULT_PARAMS:,})"
+    )
     p.add_argument("--clients", type=int, default=5, help="clients per round (default 5)")
     p.add_argument("--dropouts", type=int, default=0, help="clients (the last ones) that send nothing")
     p.add_argument("--presets", default="precise,compact", help="comma-separated presets to measure")
-    p.add_argument("--anchor-params", type=int, default=4_000_000,
-                   help="measure the per-layer anchor on a strided layer subset of about this many values and "
-                        "extrapolate per ciphertext (default 4,000,000)")
+    p.add_argument(
+        "--anchor-params",
+        type=int,
+        default=4_000_000,
+        help="measure the per-layer anchor on a strided layer subset of about this many values and "
+        "extrapolate per ciphertext (default 4,000,000)",
+    )
     p.add_argument("--no-anchor", action="store_true", help="skip the per-layer anchor")
-    p.add_argument("--clip", type=float, default=1.0, help="L2 clip norm of each client's update (default 1.0)")
-    p.add_argument("--bound", type=float, default=None, help="public bound B on |value| (default: the clip norm)")
+    p.add_argument(
+        "--clip", type=float, default=1.0, help="L2 clip norm of each client's update (default 1.0)"
+    )
+    p.add_argument(
+        "--bound", type=float, default=None, help="public bound B on |value| (default: the clip norm)"
+    )
     p.add_argument("--threads", type=int, default=None, help="TenSEAL threads (default: all cores)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None, help="JSON file; default results/he/<timestamp>.json")
@@ -372,25 +453,59 @@ def run(args: argparse.Namespace) -> int:
     for name in presets:
         if name not in PRESETS:
             raise SystemExit(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
-    console.print(f"he: {args.params:,} float32 values per update, {args.clients} clients ({args.dropouts} dropped), "
-                  f"TenSEAL threads {args.threads or os.cpu_count()} → {out}")
+    console.print(
+        f"he: {args.params:,} float32 values per update, {args.clients} clients ({args.dropouts} dropped), "
+        f"TenSEAL threads {args.threads or os.cpu_count()} → {out}"
+    )
     t0 = time.perf_counter()
-    result = run_benchmark(args.params, args.clients, args.dropouts, presets, args.anchor_params, args.clip,
-                           args.bound, args.seed, args.threads, not args.no_anchor)
+    result = run_benchmark(
+        args.params,
+        args.clients,
+        args.dropouts,
+        presets,
+        args.anchor_params,
+        args.clip,
+        args.bound,
+        args.seed,
+        args.threads,
+        not args.no_anchor,
+    )
     result["wall_s"] = time.perf_counter() - t0
 
-    table = Table(title=f"CKKS aggregation, {args.params:,} values, {result['senders']} of {args.clients} clients sent")
-    cols = ("recipe", "ciphertexts", "protect s/client", "server s", "decrypt s", "bytes/param", "payload",
-            "max abs err", "err / max|u|", "protect ×", "bytes ×")
+    table = Table(
+        title=f"CKKS aggregation, {args.params:,} values, {result['senders']} of {args.clients} clients sent"
+    )
+    cols = (
+        "recipe",
+        "ciphertexts",
+        "protect s/client",
+        "server s",
+        "decrypt s",
+        "bytes/param",
+        "payload",
+        "max abs err",
+        "err / max|u|",
+        "protect ×",
+        "bytes ×",
+    )
     for c in cols:
         table.add_column(c, justify="left" if c == "recipe" else "right")
     rows = list(result["rows"]) + ([result["anchor"]] if result["anchor"] else [])
     for r in rows:
         star = " *" if r.get("extrapolated") else ""
-        table.add_row(r["recipe"] + star, f"{r['ciphertexts_per_client']:,}", f"{r['protect_s_per_client']:.2f}",
-                      f"{r['aggregate_s']:.2f}", f"{r['decrypt_s']:.2f}", f"{r['bytes_per_param']:.2f}",
-                      _fmt_bytes(r["bytes_per_client"]), f"{r['max_abs_error']:.2e}", f"{r['relative_error']:.2e}",
-                      f"{r.get('protect_speedup_vs_anchor', 1.0):.2f}", f"{r.get('bytes_ratio_vs_anchor', 1.0):.2f}")
+        table.add_row(
+            r["recipe"] + star,
+            f"{r['ciphertexts_per_client']:,}",
+            f"{r['protect_s_per_client']:.2f}",
+            f"{r['aggregate_s']:.2f}",
+            f"{r['decrypt_s']:.2f}",
+            f"{r['bytes_per_param']:.2f}",
+            _fmt_bytes(r["bytes_per_client"]),
+            f"{r['max_abs_error']:.2e}",
+            f"{r['relative_error']:.2e}",
+            f"{r.get('protect_speedup_vs_anchor', 1.0):.2f}",
+            f"{r.get('bytes_ratio_vs_anchor', 1.0):.2f}",
+        )
     console.print(table)
     a = result["anchor"]
     if a is not None:
@@ -398,16 +513,22 @@ def run(args: argparse.Namespace) -> int:
             console.print(
                 f"* anchor measured on {a['layers_measured']} of {a['layers_total']} layers (layers 0, "
                 f"{a['layer_stride']}, {2 * a['layer_stride']}, …: {a['measured_params']:,} values, "
-                f"{a['ciphertexts_measured']:,} ciphertexts) and extrapolated ×{a['extrapolation_factor']:.3f} to all "
-                f"{a['ciphertexts_per_client']:,} ciphertexts; its error is the measured subset's")
+                f"{a['ciphertexts_measured']:,} ciphertexts) and extrapolated "
+                f"×{a['extrapolation_factor']:.3f} to all "
+                f"{a['ciphertexts_per_client']:,} ciphertexts; its error is the measured subset's"
+            )
         else:
             console.print("anchor measured on every layer (nothing extrapolated)")
-    console.print(f"precise/compact: measured in full, streamed chunk by chunk (bound B = {result['bound']:g}, "
-                  f"clip {result['clip']:g}); server s = adding {result['senders']} payloads; all times wall-clock")
+    console.print(
+        f"precise/compact: measured in full, streamed chunk by chunk (bound B = {result['bound']:g}, "
+        f"clip {result['clip']:g}); server s = adding {result['senders']} payloads; all times wall-clock"
+    )
     for k, ok in result["verdicts"].items():
         console.print(f"  {k}: {'PASS' if ok else 'FAIL'}")
     load = result["load_avg_1min"]
-    console.print(f"1-min load average before / after: {load[0]:.2f} / {load[1]:.2f} on {os.cpu_count()} cores; "
-                  f"wall {result['wall_s']:.0f} s")
+    console.print(
+        f"1-min load average before / after: {load[0]:.2f} / {load[1]:.2f} on {os.cpu_count()} cores; "
+        f"wall {result['wall_s']:.0f} s"
+    )
     record = {"args": {k: str(v) for k, v in vars(args).items()}, "machine": machine(), "result": result}
     return finish(args, console, out, record)

@@ -2,12 +2,12 @@
 
 ``python -m privfl.bench inversion --model unet --widths 48,64 --iterations 300 --defense both``.
 
-The fixed case: one 64×64 SyntheticHistology patch (``seed``, index 0) and its mask; the model built
-with ``torch.manual_seed(seed)``, its BatchNorm running statistics estimated on ``--calibrate``
-other synthetic patches (dataset seed ``seed + 1``), as a global model's are after training; one
-client update (batch 1) computed by :func:`~privfl.attacks.inversion.observe_update` — the gradient
-(``--mode gradient``) or the delta after ``--local-steps`` SGD steps (``--mode fedavg``). The attack
-then reconstructs the image from
+The fixed case (:func:`~privfl.experiments.inversion.fixed_case`): one 64×64 SyntheticHistology
+patch (``seed``, index 0) and its mask; the model built with ``torch.manual_seed(seed)``, its
+BatchNorm running statistics estimated on ``--calibrate`` other synthetic patches (dataset seed
+``seed + 1``), as a global model's are after training; one client update (batch 1) computed by
+:func:`~privfl.attacks.inversion.observe_update` — the gradient (``--mode gradient``) or the delta after
+``--local-steps`` SGD steps (``--mode fedavg``). The attack then reconstructs the image from
 
 * ``none`` — the update as it is, and
 * ``dp`` — the update after ``Compose(ClipUpdate(C), GaussianMechanism(noise_multiplier=z,
@@ -23,76 +23,20 @@ final objective and the PSNR (and SSIM) of the reconstruction against the true i
 from __future__ import annotations
 
 import argparse
-import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 from rich.table import Table
-from torch import nn
 
 from privfl.attacks.inversion import InvertingGradients, observe_update
 from privfl.attacks.metrics import mean_psnr, ssim
 from privfl.bench.common import console_for, default_out, finish, machine
-from privfl.data.synthetic import SyntheticHistology
-from privfl.defenses import ClipUpdate, Compose, GaussianMechanism
-from privfl.defenses.base import RoundContext
-from privfl.defenses.rng import SeededNoise
-from privfl.models import build_model, list_models
-from privfl.updates import Update, global_l2_norm
+from privfl.experiments.inversion import dp_protect, fixed_case
+from privfl.models import list_models
+from privfl.updates import global_l2_norm
 
 DEFENSES = ("none", "dp")
-
-
-def calibrate_batchnorm(model: nn.Module, images: torch.Tensor) -> None:
-    """Set every BatchNorm's running statistics to the (cumulative) average over ``images``, in
-    place, as a trained global model's are; weights are untouched. Training flags are restored."""
-    flags = [(m, m.training) for m in model.modules()]
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    momenta = [m.momentum for m in bns]
-    try:
-        for m in bns:
-            m.reset_running_stats()
-            m.momentum = None  # cumulative moving average
-        model.train()
-        with torch.no_grad():
-            for chunk in images.split(8):
-                model(chunk)
-    finally:
-        for m, mom in zip(bns, momenta):
-            m.momentum = mom
-        for module, flag in flags:
-            module.training = flag
-
-
-def fixed_case(model_name: str = "unet", *, size: int = 64, seed: int = 0, widths: tuple[int, ...] | None = None,
-               calibrate: int = 16, device: str | torch.device = "cpu") -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
-    """``(model in eval mode, image (1, 3, size, size), mask (1, size, size))`` of the benchmark case."""
-    kwargs: dict[str, Any] = {}
-    if widths is not None:
-        kwargs["widths"] = tuple(widths)
-    if model_name.startswith("dhunet"):
-        kwargs["img_size"] = size
-    torch.manual_seed(seed)
-    model = build_model(model_name, **kwargs)
-    if calibrate > 0:
-        other = SyntheticHistology(calibrate, size=size, seed=seed + 1)
-        calibrate_batchnorm(model, torch.stack([other[i][0] for i in range(calibrate)]))
-    model.eval().to(device)
-    image, mask = SyntheticHistology(1, size=size, seed=seed)[0]
-    return model, image[None].to(device), mask[None].to(device)
-
-
-def dp_protect(update: Update, noise_multiplier: float, clip: float | None = None, seed: int = 0) -> Update:
-    """The update after ``Compose(ClipUpdate(C), GaussianMechanism(z, sensitivity=C, local))`` as one
-    client's ``protect`` (``C`` = the update's own L2 norm when ``clip`` is None; seeded noise)."""
-    c = clip if clip is not None else global_l2_norm(update)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*not cryptographically secure")
-        defense = Compose(ClipUpdate(c), GaussianMechanism(noise_multiplier=noise_multiplier, sensitivity=c,
-                                                           placement="local", noise=SeededNoise(seed)))
-    ctx = RoundContext(round=0, num_clients=1, sampled=(0,), weights=(1.0,), client_id=0, seed=seed)
-    return defense.protect(update, ctx)
 
 
 def _save_grid(path: Path, truth: torch.Tensor, panels: list[tuple[str, torch.Tensor]]) -> Path:
@@ -116,7 +60,9 @@ def _save_grid(path: Path, truth: torch.Tensor, panels: list[tuple[str, torch.Te
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="unet", choices=list_models(), help="model name (default unet)")
-    p.add_argument("--widths", default=None, help="UNet widths, comma-separated (e.g. 48,64); default the model's")
+    p.add_argument(
+        "--widths", default=None, help="UNet widths, comma-separated (e.g. 48,64); default the model's"
+    )
     p.add_argument("--size", type=int, default=64, help="image side in pixels (default 64)")
     p.add_argument("--defense", default="both", choices=(*DEFENSES, "both"), help="which update(s) to attack")
     p.add_argument("--iterations", type=int, default=300, help="attack iterations per restart (default 300)")
@@ -127,39 +73,62 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--local-steps", type=int, default=1, help="local SGD steps (fedavg mode)")
     p.add_argument("--local-lr", type=float, default=0.01, help="local SGD learning rate (fedavg mode)")
     p.add_argument("--noise-multiplier", type=float, default=0.5, help="z of the dp defense (default 0.5)")
-    p.add_argument("--clip", type=float, default=None, help="C of the dp defense; default the update's L2 norm")
+    p.add_argument(
+        "--clip", type=float, default=None, help="C of the dp defense; default the update's L2 norm"
+    )
     p.add_argument("--calibrate", type=int, default=16, help="patches for the BatchNorm statistics (0: none)")
     p.add_argument("--seed", type=int, default=0, help="seed of the case, the model and the attack")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--out", type=Path, default=None, help="output folder; default results/inversion/<timestamp>")
+    p.add_argument(
+        "--out", type=Path, default=None, help="output folder; default results/inversion/<timestamp>"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     console = console_for(args)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
+    device = torch.device(
+        "cuda"
+        if args.device == "auto" and torch.cuda.is_available()
+        else ("cpu" if args.device == "auto" else args.device)
+    )
     widths = tuple(int(w) for w in args.widths.split(",")) if args.widths else None
     out_dir = args.out or default_out("inversion")
     defenses = DEFENSES if args.defense == "both" else (args.defense,)
 
-    model, image, mask = fixed_case(args.model, size=args.size, seed=args.seed, widths=widths,
-                                    calibrate=args.calibrate, device=device)
+    model, image, mask = fixed_case(
+        args.model, size=args.size, seed=args.seed, widths=widths, calibrate=args.calibrate, device=device
+    )
     params = sum(p.numel() for p in model.parameters())
-    console.print(f"inversion: {args.model}{'' if widths is None else f' widths={widths}'} ({params:,} parameters) "
-                  f"on {device}, 1×3×{args.size}×{args.size}, {args.mode} mode, {args.iterations} iterations × "
-                  f"{args.restarts} restart(s), tv={args.tv:g}, lr={args.lr:g}, {torch.get_num_threads()} threads")
-    update = observe_update(model, image, mask, mode=args.mode, local_steps=args.local_steps, local_lr=args.local_lr)
-    attack = InvertingGradients(model, mode=args.mode, local_steps=args.local_steps, local_lr=args.local_lr,
-                                iterations=args.iterations, restarts=args.restarts, tv=args.tv, lr=args.lr,
-                                progress=not args.no_progress, seed=args.seed)
+    console.print(
+        f"inversion: {args.model}{'' if widths is None else f' widths={widths}'} ({params:,} parameters) "
+        f"on {device}, 1×3×{args.size}×{args.size}, {args.mode} mode, {args.iterations} iterations × "
+        f"{args.restarts} restart(s), tv={args.tv:g}, lr={args.lr:g}, {torch.get_num_threads()} threads"
+    )
+    update = observe_update(
+        model, image, mask, mode=args.mode, local_steps=args.local_steps, local_lr=args.local_lr
+    )
+    attack = InvertingGradients(
+        model,
+        mode=args.mode,
+        local_steps=args.local_steps,
+        local_lr=args.local_lr,
+        iterations=args.iterations,
+        restarts=args.restarts,
+        tv=args.tv,
+        lr=args.lr,
+        progress=not args.no_progress,
+        seed=args.seed,
+    )
     rows: dict[str, dict[str, Any]] = {}
     panels: list[tuple[str, torch.Tensor]] = []
     for name in defenses:
-        observed = update if name == "none" else dp_protect(update, args.noise_multiplier, args.clip, args.seed)
+        observed = (
+            update if name == "none" else dp_protect(update, args.noise_multiplier, args.clip, args.seed)
+        )
         result = attack.reconstruct(observed, tuple(image.shape), mask)
         p = mean_psnr(result.images, image.cpu())
         rows[name] = {
@@ -178,8 +147,14 @@ def run(args: argparse.Namespace) -> int:
     for col in ("update", "PSNR dB", "SSIM", "final loss", "s", "it/s"):
         table.add_column(col, justify="left" if col == "update" else "right")
     for name, r in rows.items():
-        table.add_row(name, f"{r['psnr_db']:.2f}", f"{r['ssim']:.3f}", f"{r['final_loss']:.4f}",
-                      f"{r['seconds']:.1f}", f"{r['iterations_per_second']:.2f}")
+        table.add_row(
+            name,
+            f"{r['psnr_db']:.2f}",
+            f"{r['ssim']:.3f}",
+            f"{r['final_loss']:.4f}",
+            f"{r['seconds']:.1f}",
+            f"{r['iterations_per_second']:.2f}",
+        )
     console.print(table)
     if "none" in rows and "dp" in rows:
         console.print(f"dp lowers the PSNR by {rows['none']['psnr_db'] - rows['dp']['psnr_db']:.2f} dB")

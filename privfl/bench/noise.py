@@ -5,8 +5,8 @@
 :class:`~privfl.defenses.rng.SeededNoise` and :class:`~privfl.defenses.rng.SecureNoise` Gaussian and
 Laplace noise of ``params`` float32 values. The sources are timed round-robin (one call of each per
 repeat, after one untimed warm-up round) so a shared machine's load drifts over all of them alike;
-the figures are medians. The design target (DESIGN.md, "Benchmark anchors") is SecureNoise Gaussian
-within 2× of ``torch.randn``.
+the figures are medians. The target (benchmarks/RESULTS.md, "DP noise source") is SecureNoise
+Gaussian within 2× of ``torch.randn``.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from rich.table import Table
 from privfl.bench.common import console_for, default_out, finish, machine
 from privfl.defenses.rng import SecureNoise, SeededNoise
 
-TARGET_RATIO = 2.0  # SecureNoise Gaussian time / torch.randn time, DESIGN.md "Benchmark anchors"
+TARGET_RATIO = 2.0  # SecureNoise Gaussian time / torch.randn time, benchmarks/RESULTS.md "DP noise source"
 DHUNET_PARAMS = 55_400_000
 
 
@@ -71,17 +71,19 @@ def measure_noise(n: int = DHUNET_PARAMS, repeats: int = 5, warmup: int = 1, see
     for label, source, dist, _call in cases:
         ts = times[label]
         median = statistics.median(ts)
-        rows.append({
-            "case": label,
-            "source": source,
-            "distribution": dist,
-            "median_s": median,
-            "min_s": min(ts),
-            "max_s": max(ts),
-            "times_s": ts,
-            "mvalues_per_s": n / median / 1e6,
-            "ratio_vs_randn": median / floor,
-        })
+        rows.append(
+            {
+                "case": label,
+                "source": source,
+                "distribution": dist,
+                "median_s": median,
+                "min_s": min(ts),
+                "max_s": max(ts),
+                "times_s": ts,
+                "mvalues_per_s": n / median / 1e6,
+                "ratio_vs_randn": median / floor,
+            }
+        )
     ratio = next(r["ratio_vs_randn"] for r in rows if r["case"] == "SecureNoise gaussian")
     return {
         "params": n,
@@ -98,8 +100,12 @@ def measure_noise(n: int = DHUNET_PARAMS, repeats: int = 5, warmup: int = 1, see
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--params", type=int, default=DHUNET_PARAMS,
-                   help=f"values per call (default {DHUNET_PARAMS:,}, DHU-Net's parameter count)")
+    p.add_argument(
+        "--params",
+        type=int,
+        default=DHUNET_PARAMS,
+        help=f"values per call (default {DHUNET_PARAMS:,}, DHU-Net's parameter count)",
+    )
     p.add_argument("--repeats", type=int, default=5, help="timed rounds; the median is reported")
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
     p.add_argument("--seed", type=int, default=0, help="seed of SeededNoise")
@@ -109,24 +115,40 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     console = console_for(args)
     out = args.out or Path(f"{default_out('noise')}.json")
-    console.print(f"noise: {args.params:,} float32 values, {args.warmup} warm-up + {args.repeats} timed "
-                  f"rounds, {torch.get_num_threads()} torch threads → {out}")
+    console.print(
+        f"noise: {args.params:,} float32 values, {args.warmup} warm-up + {args.repeats} timed "
+        f"rounds, {torch.get_num_threads()} torch threads → {out}"
+    )
     result = measure_noise(args.params, args.repeats, args.warmup, args.seed)
 
     table = Table(title=f"DP noise, {args.params:,} float32 values (median of {args.repeats})")
-    for col, justify in (("case", "left"), ("median s", "right"), ("min–max s", "right"),
-                         ("M values/s", "right"), ("× randn", "right")):
+    for col, justify in (
+        ("case", "left"),
+        ("median s", "right"),
+        ("min–max s", "right"),
+        ("M values/s", "right"),
+        ("× randn", "right"),
+    ):
         table.add_column(col, justify=justify)  # type: ignore[arg-type]
     for r in result["rows"]:
-        table.add_row(r["case"], f"{r['median_s']:.3f}", f"{r['min_s']:.3f}–{r['max_s']:.3f}",
-                      f"{r['mvalues_per_s']:.0f}", f"{r['ratio_vs_randn']:.2f}")
+        table.add_row(
+            r["case"],
+            f"{r['median_s']:.3f}",
+            f"{r['min_s']:.3f}–{r['max_s']:.3f}",
+            f"{r['mvalues_per_s']:.0f}",
+            f"{r['ratio_vs_randn']:.2f}",
+        )
     console.print(table)
     load = result["load_avg_1min"]
-    console.print(f"1-min load average before / after: {load[0]:.2f} / {load[1]:.2f} "
-                  f"on {os.cpu_count()} cores (other processes slow the threaded cases)")
+    console.print(
+        f"1-min load average before / after: {load[0]:.2f} / {load[1]:.2f} "
+        f"on {os.cpu_count()} cores (other processes slow the threaded cases)"
+    )
     verdict = "within" if result["within_target"] else "OVER"
-    console.print(f"SecureNoise gaussian / torch.randn = {result['secure_gaussian_ratio']:.2f} "
-                  f"({verdict} the {TARGET_RATIO:g}× target)")
+    console.print(
+        f"SecureNoise gaussian / torch.randn = {result['secure_gaussian_ratio']:.2f} "
+        f"({verdict} the {TARGET_RATIO:g}× target)"
+    )
 
     record = {"args": {k: str(v) for k, v in vars(args).items()}, "machine": machine(), "result": result}
     return finish(args, console, out, record)

@@ -26,36 +26,76 @@ from typing import Any
 from rich.table import Table
 
 from privfl.bench import paper_tables as pt
-from privfl.bench.common import console_for, default_out, finish, machine
+from privfl.bench.common import console_for, default_out, eps_text, finish, machine, write_csv
 
 NAME = "noise-ablation"
-CSV_COLUMNS = ("setting", "clip", "sigma", "noise_multiplier", "dice", "jaccard", "accuracy", "epsilon", "delta",
-               "paper_epsilon", "train_seconds")
+CSV_COLUMNS = (
+    "setting",
+    "clip",
+    "sigma",
+    "noise_multiplier",
+    "dice",
+    "jaccard",
+    "accuracy",
+    "epsilon",
+    "delta",
+    "paper_epsilon",
+    "train_seconds",
+)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="model to train (default: the preset's, dhunet-tiny for cpu-quick)")
-    p.add_argument("--clips", default=",".join(map(str, pt.DEFAULT_CLIPS)),
-                   help="comma-separated L2 clip norms C (default 0.05,0.15,0.25,0.35)")
-    p.add_argument("--sigmas", default=",".join(map(str, pt.DEFAULT_SIGMAS)),
-                   help="comma-separated noise multipliers σ of Eq. 11, std σ·C (default 0.1,0.3,0.5)")
+    p.add_argument(
+        "--model", default=None, help="model to train (default: the preset's, dhunet-tiny for cpu-quick)"
+    )
+    p.add_argument(
+        "--clips",
+        default=",".join(map(str, pt.DEFAULT_CLIPS)),
+        help="comma-separated L2 clip norms C (default 0.05,0.15,0.25,0.35)",
+    )
+    p.add_argument(
+        "--sigmas",
+        default=",".join(map(str, pt.DEFAULT_SIGMAS)),
+        help="comma-separated noise multipliers σ of Eq. 11, std σ·C (default 0.1,0.3,0.5)",
+    )
     pt.add_common_arguments(p)
 
 
 def table(rows: Sequence[dict[str, Any]], title: str) -> Table:
     t = Table(title=title)
-    for col in ("C", "σ", "Dice", "Jaccard", "Acc", f"accounted ε (δ={pt.DELTA:g})", "paper ε = C/σ", "train s"):
+    for col in (
+        "C",
+        "σ",
+        "Dice",
+        "Jaccard",
+        "Acc",
+        f"accounted ε (δ={pt.DELTA:g})",
+        "paper ε = C/σ",
+        "train s",
+    ):
         t.add_column(col, justify="right")
     for r in rows:
-        c, s, paper = ("—", "—", "—") if r["clip"] is None else (f"{r['clip']:g}", f"{r['sigma']:g}",
-                                                                 f"{r['paper_epsilon']:.3g}")
-        t.add_row(c, s, f"{r['dice']:.4f}", f"{r['jaccard']:.4f}", f"{r['accuracy']:.4f}", pt.eps_text(r["epsilon"]),
-                  paper, f"{r['train_seconds']:.1f}")
+        c, s, paper = (
+            ("—", "—", "—")
+            if r["clip"] is None
+            else (f"{r['clip']:g}", f"{r['sigma']:g}", f"{r['paper_epsilon']:.3g}")
+        )
+        t.add_row(
+            c,
+            s,
+            f"{r['dice']:.4f}",
+            f"{r['jaccard']:.4f}",
+            f"{r['accuracy']:.4f}",
+            eps_text(r["epsilon"]),
+            paper,
+            f"{r['train_seconds']:.1f}",
+        )
     return t
 
 
-def plot(path: Path, rows: Sequence[dict[str, Any]], clips: Sequence[float], sigmas: Sequence[float],
-         title: str) -> Path:
+def plot(
+    path: Path, rows: Sequence[dict[str, Any]], clips: Sequence[float], sigmas: Sequence[float], title: str
+) -> Path:
     """Left: Dice heatmap over C (rows) × σ (columns), each cell labelled with Dice, accounted ε and C/σ.
     Right: Dice against accounted ε (log scale), one line per C, one marker per σ, points labelled
     with ε; the dashed line is the no-defense reference."""
@@ -71,13 +111,25 @@ def plot(path: Path, rows: Sequence[dict[str, Any]], clips: Sequence[float], sig
     grid = np.array([[cells[(c, s)]["dice"] for s in sigmas] for c in clips])
 
     ax = fig.add_subplot(1, 2, 1)
-    im = ax.imshow(grid, cmap="viridis", aspect="auto", vmin=0.0, vmax=max(1e-6, float(grid.max()),
-                                                                           reference["dice"] if reference else 0.0))
+    im = ax.imshow(
+        grid,
+        cmap="viridis",
+        aspect="auto",
+        vmin=0.0,
+        vmax=max(1e-6, float(grid.max()), reference["dice"] if reference else 0.0),
+    )
     for i, c in enumerate(clips):
         for j, s in enumerate(sigmas):
             r = cells[(c, s)]
-            ax.text(j, i, f"{r['dice']:.3f}\nε={pt.eps_text(r['epsilon'])}\nC/σ={r['paper_epsilon']:.3g}",
-                    ha="center", va="center", fontsize=7, color="white" if r["dice"] < 0.6 * grid.max() else "black")
+            ax.text(
+                j,
+                i,
+                f"{r['dice']:.3f}\nε={eps_text(r['epsilon'])}\nC/σ={r['paper_epsilon']:.3g}",
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="white" if r["dice"] < 0.6 * grid.max() else "black",
+            )
     ax.set_xticks(range(len(sigmas)), [f"{s:g}" for s in sigmas])
     ax.set_yticks(range(len(clips)), [f"{c:g}" for c in clips])
     ax.set_xlabel("σ (noise multiplier; std σ·C)")
@@ -89,15 +141,23 @@ def plot(path: Path, rows: Sequence[dict[str, Any]], clips: Sequence[float], sig
     markers = dict(zip(sigmas, "os^vDP*Xhp" * (1 + len(sigmas) // 10), strict=False))
     for ci, c in enumerate(clips):
         pts = sorted((cells[(c, s)]["epsilon"], cells[(c, s)]["dice"], s) for s in sigmas)
-        line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], lw=1.2, label=f"C = {c:g}")
+        (line,) = ax.plot([p[0] for p in pts], [p[1] for p in pts], lw=1.2, label=f"C = {c:g}")
         for eps, dice, s in pts:
             ax.scatter([eps], [dice], marker=markers[s], color=line.get_color(), s=28, zorder=3)
-            ax.annotate(f"ε={eps:.3g}", (eps, dice), textcoords="offset points", xytext=(4, 4 + 6 * (ci % 2)),
-                        fontsize=6, color=line.get_color())
+            ax.annotate(
+                f"ε={eps:.3g}",
+                (eps, dice),
+                textcoords="offset points",
+                xytext=(4, 4 + 6 * (ci % 2)),
+                fontsize=6,
+                color=line.get_color(),
+            )
     for s in sigmas:  # legend entries for the σ markers
         ax.scatter([], [], marker=markers[s], color="black", s=28, label=f"σ = {s:g}")
     if reference is not None:
-        ax.axhline(reference["dice"], ls="--", color="grey", lw=1, label=f"no defense ({reference['dice']:.3f})")
+        ax.axhline(
+            reference["dice"], ls="--", color="grey", lw=1, label=f"no defense ({reference['dice']:.3f})"
+        )
     ax.set_xscale("log")
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
     ax.xaxis.set_minor_formatter(NullFormatter())
@@ -128,26 +188,43 @@ def run(args: argparse.Namespace) -> int:
     out = args.out or default_out(NAME)
     out.mkdir(parents=True, exist_ok=True)
     progress = not args.no_progress and not args.json
-    console.print(f"{NAME} ({args.preset}): {preset.model}; C in {list(clips)} × σ in {list(sigmas)}; "
-                  f"{federation.describe()}; {preset.rounds} rounds → {out}")
+    console.print(
+        f"{NAME} ({args.preset}): {preset.model}; C in {list(clips)} × σ in {list(sigmas)}; "
+        f"{federation.describe()}; {preset.rounds} rounds → {out}"
+    )
     t0 = time.perf_counter()
     grid: list[tuple[float | None, float | None]] = [(None, None)] + [(c, s) for c in clips for s in sigmas]
     rows: list[dict[str, Any]] = []
     for clip, sigma in grid:
         defense = None if clip is None or sigma is None else pt.feddp(sigma, clip, args.seed)
-        row = {"setting": "no defense" if clip is None else f"FedDP C={clip:g} σ={sigma:g}", "clip": clip,
-               "sigma": sigma, "noise_multiplier": None if defense is None else defense.noise_multiplier,
-               **pt.run_row(federation, base, defense, preset, seed=args.seed, progress=progress)}
+        row = {
+            "setting": "no defense" if clip is None else f"FedDP C={clip:g} σ={sigma:g}",
+            "clip": clip,
+            "sigma": sigma,
+            "noise_multiplier": None if defense is None else defense.noise_multiplier,
+            **pt.run_row(federation, base, defense, preset, seed=args.seed, progress=progress),
+        }
         rows.append(row)
-        console.print(f"  {row['setting']:<22} Dice {row['dice']:.4f}  ε {pt.eps_text(row['epsilon'])}  "
-                      f"{row['train_seconds']:.1f} s")
+        console.print(
+            f"  {row['setting']:<22} Dice {row['dice']:.4f}  ε {eps_text(row['epsilon'])}  "
+            f"{row['train_seconds']:.1f} s"
+        )
     results = {
-        "subcommand": NAME, "preset": args.preset, "config": pt.config_record(preset, args),
-        "clips": list(clips), "sigmas": list(sigmas), "data": federation.describe(), "machine": machine(),
-        "seconds": time.perf_counter() - t0, "rows": rows,
+        "subcommand": NAME,
+        "preset": args.preset,
+        "config": pt.config_record(preset, args),
+        "clips": list(clips),
+        "sigmas": list(sigmas),
+        "data": federation.describe(),
+        "machine": machine(),
+        "seconds": time.perf_counter() - t0,
+        "rows": rows,
     }
-    title = f"{NAME} ({args.preset}): {preset.model}, {preset.rounds} rounds, {preset.clients} clients, {preset.size}px"
-    pt.write_csv(out / "results.csv", rows, CSV_COLUMNS)
+    title = (
+        f"{NAME} ({args.preset}): {preset.model}, {preset.rounds} rounds, {preset.clients} clients, "
+        f"{preset.size}px"
+    )
+    write_csv(out / "results.csv", rows, CSV_COLUMNS)
     plot(out / "ablation.png", rows, clips, sigmas, title)
     console.print(table(rows, title + " — test metrics on classes 1..3"))
     return finish(args, console, out / "results.json", results)

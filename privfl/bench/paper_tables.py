@@ -5,29 +5,29 @@ proves at δ = 1e-5 next to the paper's ε = C/σ (its Eq. 14, not a DP guarante
 
 Here: the presets (``cpu-quick``, ``paper``), the command-line flags both subcommands share and their
 validation (everything is checked before any training), the FedDP mechanism with seeded noise, the
-centralized baseline and one training run summarised as a table row, and the CSV writer.
+centralized baseline and one training run summarised as a table row.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import csv
 import math
 import warnings
-from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 from torch.utils.data import ConcatDataset
 
-from privfl.bench.sweep import Federation, TrainingPreset, load_federation, make_model, train
 from privfl.data.errors import DataError
 from privfl.defenses import FedDPNoise
 from privfl.defenses.base import Defense
 from privfl.defenses.rng import SeededNoise
+from privfl.experiments.sweep import Federation, TrainingPreset, load_federation, make_model, train
+from privfl.fl import ClientConfig
 from privfl.models import list_models
 
 DELTA = 1e-5
@@ -54,30 +54,64 @@ class PaperPreset(TrainingPreset):
 
 
 PRESETS: dict[str, PaperPreset] = {
-    # a few minutes on 2 CPU cores (benchmarks/RESULTS.md); same data size and rounds as attack-vs-dp's cpu-quick
-    "cpu-quick": PaperPreset(models=("dhunet-tiny", "unet"), model="dhunet-tiny", clients=5, samples_per_client=16,
-                             size=32, rounds=10, local_epochs=1, batch_size=4, lr=0.1),
+    # a few minutes on 2 CPU cores (benchmarks/RESULTS.md); same data size and rounds as attack-vs-dp's
+    # cpu-quick
+    "cpu-quick": PaperPreset(
+        models=("dhunet-tiny", "unet"),
+        model="dhunet-tiny",
+        clients=5,
+        samples_per_client=16,
+        size=32,
+        rounds=10,
+        config=ClientConfig(local_epochs=1, batch_size=4, lr=0.1, momentum=0.9),
+    ),
     # FedDP's setting (5 clients, 224×224, 150 rounds, batch 24, SGD lr 0.01 momentum 0.9); meant for a GPU
-    "paper": PaperPreset(models=("dhunet", "unet"), model="dhunet", clients=5, samples_per_client=96, size=224,
-                         rounds=150, local_epochs=1, batch_size=24, lr=0.01),
+    "paper": PaperPreset(
+        models=("dhunet", "unet"),
+        model="dhunet",
+        clients=5,
+        samples_per_client=96,
+        size=224,
+        rounds=150,
+        config=ClientConfig(local_epochs=1, batch_size=24, lr=0.01, momentum=0.9),
+    ),
 }
 
-_OVERRIDES = (("rounds", int), ("clients", int), ("samples-per-client", int), ("size", int), ("batch-size", int),
-              ("lr", float), ("local-epochs", int))
+_OVERRIDES = (
+    ("rounds", int),
+    ("clients", int),
+    ("samples-per-client", int),
+    ("size", int),
+    ("batch-size", int),
+    ("lr", float),
+    ("local-epochs", int),
+)
 
 
 def add_common_arguments(p: argparse.ArgumentParser) -> None:
     """Flags both subcommands take (``--json`` is added by the dispatcher)."""
-    p.add_argument("--preset", default="cpu-quick", choices=list(PRESETS),
-                   help="cpu-quick (default: 5 clients, 16 samples each, 32px, 10 rounds) or paper "
-                        "(5 clients, 224px, 150 rounds, batch 24, lr 0.01; meant for a GPU)")
+    p.add_argument(
+        "--preset",
+        default="cpu-quick",
+        choices=list(PRESETS),
+        help="cpu-quick (default: 5 clients, 16 samples each, 32px, 10 rounds) or paper "
+        "(5 clients, 224px, 150 rounds, batch 24, lr 0.01; meant for a GPU)",
+    )
     for flag, typ in _OVERRIDES:
         p.add_argument(f"--{flag}", type=typ, default=None, help="override the preset's value")
     p.add_argument("--data", default="synthetic", help="'synthetic' (default) or a SegmentationFolder root")
-    p.add_argument("--list", dest="list_name", default="default", help="list name of a SegmentationFolder root")
-    p.add_argument("--device", default=None, help="Lightning Fabric accelerator: auto (preset default), cpu, cuda")
-    p.add_argument("--seed", type=int, default=0, help="seed of data, model initialisation and the (seeded) noise")
-    p.add_argument("--out", type=Path, default=None, help="output folder; default results/<subcommand>/<timestamp>")
+    p.add_argument(
+        "--list", dest="list_name", default="default", help="list name of a SegmentationFolder root"
+    )
+    p.add_argument(
+        "--device", default=None, help="Lightning Fabric accelerator: auto (preset default), cpu, cuda"
+    )
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed of data, model initialisation and the (seeded) noise"
+    )
+    p.add_argument(
+        "--out", type=Path, default=None, help="output folder; default results/<subcommand>/<timestamp>"
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -123,8 +157,14 @@ def parse_positive_floats(text: str, flag: str) -> tuple[float, ...]:
 
 def load(args: argparse.Namespace, preset: PaperPreset) -> Federation:
     """The federation of ``args.data`` at the preset's sizes (``ValueError`` / ``DataError``)."""
-    return load_federation(args.data, num_clients=preset.clients, samples_per_client=preset.samples_per_client,
-                           image_size=preset.size, seed=args.seed, list_name=args.list_name)
+    return load_federation(
+        args.data,
+        num_clients=preset.clients,
+        samples_per_client=preset.samples_per_client,
+        image_size=preset.size,
+        seed=args.seed,
+        list_name=args.list_name,
+    )
 
 
 def base_models(names: Sequence[str], preset: PaperPreset, seed: int) -> dict[str, nn.Module]:
@@ -151,45 +191,58 @@ def feddp(sigma: float, clip: float, seed: int) -> FedDPNoise:
 
 def centralized(federation: Federation) -> Federation:
     """One client holding every client's training data (``ConcatDataset``), the same test split."""
-    return Federation([ConcatDataset(federation.clients)], federation.test,
-                      f"{federation.source}, pooled into one client", federation.image_size)
+    return Federation(
+        [ConcatDataset(federation.clients)],
+        federation.test,
+        f"{federation.source}, pooled into one client",
+        federation.image_size,
+    )
 
 
-def run_row(federation: Federation, base: nn.Module, defense: Defense | None, preset: PaperPreset, *,
-            seed: int, progress: bool) -> dict[str, Any]:
+def run_row(
+    federation: Federation,
+    base: nn.Module,
+    defense: Defense | None,
+    preset: PaperPreset,
+    *,
+    seed: int,
+    progress: bool,
+) -> dict[str, Any]:
     """Train a copy of ``base`` under ``defense`` and summarise it as a table row (final-round test
     metrics on classes 1..3; ``epsilon`` ``None`` without DP)."""
-    run = train(federation, copy.deepcopy(base), defense, rounds=preset.rounds, config=preset.client_config(),
-                seed=seed, device=preset.device, progress=progress)
+    run = train(
+        federation,
+        copy.deepcopy(base),
+        defense,
+        rounds=preset.rounds,
+        config=preset.config,
+        seed=seed,
+        device=preset.device,
+        progress=progress,
+    )
     s = run.summary()
     eps = run.epsilon
     return {
-        "dice": s["dice"], "jaccard": s["jaccard"], "accuracy": s["accuracy"], "train_loss": s["train_loss"],
-        "epsilon": eps, "delta": s["delta"], "accountant": s["accountant"],
+        "dice": s["dice"],
+        "jaccard": s["jaccard"],
+        "accuracy": s["accuracy"],
+        "train_loss": s["train_loss"],
+        "epsilon": eps,
+        "delta": s["delta"],
+        "accountant": s["accountant"],
         "paper_epsilon": defense.paper_epsilon if isinstance(defense, FedDPNoise) else None,
-        "train_seconds": run.seconds, "dice_per_round": s["dice_per_round"],
+        "train_seconds": run.seconds,
+        "dice_per_round": s["dice_per_round"],
     }
 
 
 def config_record(preset: PaperPreset, args: argparse.Namespace) -> dict[str, Any]:
-    rec = asdict(preset)
+    """The ``config`` of a results record: the preset's :meth:`~TrainingPreset.record`, δ, seed, data,
+    noise."""
+    rec = preset.record()
     rec["models"] = list(preset.models)
     rec.update(delta=DELTA, seed=args.seed, data=args.data, noise="seeded (SeededNoise, not secure)")
     return rec
-
-
-def eps_text(eps: float | None) -> str:
-    return "none" if eps is None else f"{eps:.3g}"
-
-
-def write_csv(path: Path, rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> Path:
-    """``rows`` restricted to ``columns``; ``None`` as an empty cell."""
-    with path.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(columns), extrasaction="ignore")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: "" if row.get(k) is None else row[k] for k in columns})
-    return path
 
 
 def validated(name: str, check):

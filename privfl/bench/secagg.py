@@ -51,8 +51,16 @@ def _update(n: int, seed: int, client: int) -> np.ndarray:
     return (torch.randn(n, generator=g) * 0.1).numpy()
 
 
-def _one_round(n: int, k: int, dropouts: int, threshold: int, clip_range: float, seed: int,
-               threads: int | None, check: bool) -> dict[str, Any]:
+def _one_round(
+    n: int,
+    k: int,
+    dropouts: int,
+    threshold: int,
+    clip_range: float,
+    seed: int,
+    threads: int | None,
+    check: bool,
+) -> dict[str, Any]:
     """One full protocol run; returns timings, byte counts and (if ``check``) the exactness check."""
     ids = list(range(k))
     weights = [1.0 / k] * k
@@ -100,10 +108,17 @@ def _one_round(n: int, k: int, dropouts: int, threshold: int, clip_range: float,
     mean = result.mean(np.float32)
     dequantize_s = time.perf_counter() - t0
     out: dict[str, Any] = {
-        "setup_s": setup_s, "protect_s": protect_s, "receive_s": receive_s, "unmask_s": unmask_s,
-        "reconstruct_s": result.timings["reconstruct_s"], "self_masks_s": result.timings["self_masks_s"],
-        "dropout_recovery_s": result.timings["dropout_recovery_s"], "dequantize_s": dequantize_s,
-        "payload_bytes": payload_bytes, "wire": wire, "scale_bits": cfg.scale_bits,
+        "setup_s": setup_s,
+        "protect_s": protect_s,
+        "receive_s": receive_s,
+        "unmask_s": unmask_s,
+        "reconstruct_s": result.timings["reconstruct_s"],
+        "self_masks_s": result.timings["self_masks_s"],
+        "dropout_recovery_s": result.timings["dropout_recovery_s"],
+        "dequantize_s": dequantize_s,
+        "payload_bytes": payload_bytes,
+        "wire": wire,
+        "scale_bits": cfg.scale_bits,
         "max_error_bound": result.max_error,
     }
     if check:
@@ -113,8 +128,8 @@ def _one_round(n: int, k: int, dropouts: int, threshold: int, clip_range: float,
         for c in survivors:
             x = _update(n, seed, c)
             for a in range(0, n, step):
-                exact[a:a + step] += quantize(x[a:a + step], weights[c], clip_range, cfg.scale_bits)[0]
-                ref[a:a + step] += weights[c] * x[a:a + step]
+                exact[a : a + step] += quantize(x[a : a + step], weights[c], clip_range, cfg.scale_bits)[0]
+                ref[a : a + step] += weights[c] * x[a : a + step]
             del x
         out["exact_sum"] = bool(np.array_equal(exact, result.sum.astype(np.int64)))
         del exact
@@ -146,13 +161,23 @@ def _anchor(n: int, masks: int, seed: int, threads: int | None) -> tuple[float, 
     return secure, anchor
 
 
-def measure_secagg(params: int = 1_000_000, clients: int = 5, dropouts: int = 0, threshold: int | None = None,
-                   repeats: int = 3, warmup: int = 1, clip_range: float = 1.0, seed: int = 0,
-                   threads: int | None = None) -> dict[str, Any]:
+def measure_secagg(
+    params: int = 1_000_000,
+    clients: int = 5,
+    dropouts: int = 0,
+    threshold: int | None = None,
+    repeats: int = 3,
+    warmup: int = 1,
+    clip_range: float = 1.0,
+    seed: int = 0,
+    threads: int | None = None,
+) -> dict[str, Any]:
     """Run the benchmark; see the module docstring. Times are wall-clock seconds (medians)."""
     if params < 1 or clients < 2 or not 0 <= dropouts < clients or repeats < 1 or warmup < 0:
-        raise ValueError(f"need params >= 1, clients >= 2, 0 <= dropouts < clients, repeats >= 1, warmup >= 0; "
-                         f"got {params}, {clients}, {dropouts}, {repeats}, {warmup}")
+        raise ValueError(
+            f"need params >= 1, clients >= 2, 0 <= dropouts < clients, repeats >= 1, warmup >= 0; "
+            f"got {params}, {clients}, {dropouts}, {repeats}, {warmup}"
+        )
     t = threshold if threshold is not None else max(2, clients // 2 + 1)
     if not 2 <= t <= clients - dropouts:
         raise ValueError(f"threshold {t} must be in [2, clients - dropouts = {clients - dropouts}]")
@@ -179,12 +204,21 @@ def measure_secagg(params: int = 1_000_000, clients: int = 5, dropouts: int = 0,
     rs_unmask = med([a[1][1] for a in anchors])
     wire = first["wire"]
     # bytes one (surviving) client sends / receives in the other rounds (0, 1 and 4): constant in params
-    per_client_other = wire["advertise"] / clients + wire["share_keys"] / clients + wire["unmask_response"] / survivors
-    per_client_received = (wire["config"] + wire["key_list"] + wire["share_delivery"]) / clients \
-        + wire["unmask_request"] / survivors
+    per_client_other = (
+        wire["advertise"] / clients + wire["share_keys"] / clients + wire["unmask_response"] / survivors
+    )
+    per_client_received = (wire["config"] + wire["key_list"] + wire["share_delivery"]) / clients + wire[
+        "unmask_request"
+    ] / survivors
     return {
-        "params": params, "clients": clients, "dropouts": dropouts, "threshold": t, "clip_range": clip_range,
-        "scale_bits": first["scale_bits"], "repeats": repeats, "warmup": warmup,
+        "params": params,
+        "clients": clients,
+        "dropouts": dropouts,
+        "threshold": t,
+        "clip_range": clip_range,
+        "scale_bits": first["scale_bits"],
+        "repeats": repeats,
+        "warmup": warmup,
         "setup_s": med([r["setup_s"] for r in runs]),
         "client_protect_s": protect,
         "server_receive_s_per_input": receive,
@@ -218,35 +252,60 @@ def measure_secagg(params: int = 1_000_000, clients: int = 5, dropouts: int = 0,
         "max_abs_error": first["max_abs_error"],
         "max_error_bound": first["max_error_bound"],
         "torch_threads": torch.get_num_threads(),
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # whole process, checks included
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        / 1024,  # whole process, checks included
         "load_avg_1min": [load_before, os.getloadavg()[0]],
     }
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--params", type=int, default=1_000_000, help="parameters per update (default 1,000,000; "
-                   f"DHU-Net has {DHUNET_PARAMS:,})")
+    p.add_argument(
+        "--params",
+        type=int,
+        default=1_000_000,
+        help=f"parameters per update (default 1,000,000; DHU-Net has {DHUNET_PARAMS:,})",
+    )
     p.add_argument("--clients", type=int, default=5, help="clients in the round (default 5)")
-    p.add_argument("--dropouts", type=int, default=0,
-                   help="clients that drop after sharing keys, before sending their input (default 0)")
-    p.add_argument("--threshold", type=int, default=None, help="Shamir threshold t (default clients // 2 + 1)")
+    p.add_argument(
+        "--dropouts",
+        type=int,
+        default=0,
+        help="clients that drop after sharing keys, before sending their input (default 0)",
+    )
+    p.add_argument(
+        "--threshold", type=int, default=None, help="Shamir threshold t (default clients // 2 + 1)"
+    )
     p.add_argument("--repeats", type=int, default=3, help="timed protocol runs; medians are reported")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs first")
     p.add_argument("--clip-range", type=float, default=1.0, help="clip range R (update units)")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic updates")
-    p.add_argument("--out", type=Path, default=None, help="JSON file; default results/secagg/<timestamp>.json")
+    p.add_argument(
+        "--out", type=Path, default=None, help="JSON file; default results/secagg/<timestamp>.json"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     console = console_for(args)
     out = args.out or Path(f"{default_out('secagg')}.json")
-    console.print(f"secagg: {args.params:,} parameters, {args.clients} clients, {args.dropouts} dropouts, "
-                  f"{args.warmup} warm-up + {args.repeats} timed runs, {torch.get_num_threads()} threads → {out}")
-    r = measure_secagg(args.params, args.clients, args.dropouts, args.threshold, args.repeats, args.warmup,
-                       args.clip_range, args.seed)
+    console.print(
+        f"secagg: {args.params:,} parameters, {args.clients} clients, {args.dropouts} dropouts, "
+        f"{args.warmup} warm-up + {args.repeats} timed runs, {torch.get_num_threads()} threads → {out}"
+    )
+    r = measure_secagg(
+        args.params,
+        args.clients,
+        args.dropouts,
+        args.threshold,
+        args.repeats,
+        args.warmup,
+        args.clip_range,
+        args.seed,
+    )
     a, w = r["anchor"], r["wire"]
-    table = Table(title=f"Secure aggregation, {args.params:,} params, {args.clients} clients, "
-                        f"{args.dropouts} dropouts, t = {r['threshold']} (median of {args.repeats})")
+    table = Table(
+        title=f"Secure aggregation, {args.params:,} params, {args.clients} clients, "
+        f"{args.dropouts} dropouts, t = {r['threshold']} (median of {args.repeats})"
+    )
     table.add_column("step", justify="left")
     table.add_column("seconds", justify="right")
     rows = [
@@ -265,16 +324,24 @@ def run(args: argparse.Namespace) -> int:
     for label, secs in rows:
         table.add_row(label, f"{secs:.3f}")
     console.print(table)
-    console.print(f"mask ratio ChaCha20 / RandomState: client {a['mask_ratio']:.2f}, server "
-                  f"{a['server_mask_ratio']:.2f} ({'no slower' if r['no_slower'] else 'SLOWER'})")
-    console.print(f"wire: {w['masked_input_bytes']:,} bytes per masked input = {w['bytes_per_param']:.6f} B/param "
-                  f"(4 B/param + {w['overhead_bytes']} B); other rounds: a client sends "
-                  f"{w['other_rounds_bytes_per_client']:.0f} B and receives "
-                  f"{w['other_rounds_bytes_received_per_client']:.0f} B")
-    console.print(f"exact integer sum: {r['exact_sum']}; max |mean - float mean| = {r['max_abs_error']:.3g} "
-                  f"(quantization bound {r['max_error_bound']:.3g} + float32 rounding); scale 2^{r['scale_bits']}")
+    console.print(
+        f"mask ratio ChaCha20 / RandomState: client {a['mask_ratio']:.2f}, server "
+        f"{a['server_mask_ratio']:.2f} ({'no slower' if r['no_slower'] else 'SLOWER'})"
+    )
+    console.print(
+        f"wire: {w['masked_input_bytes']:,} bytes per masked input = {w['bytes_per_param']:.6f} B/param "
+        f"(4 B/param + {w['overhead_bytes']} B); other rounds: a client sends "
+        f"{w['other_rounds_bytes_per_client']:.0f} B and receives "
+        f"{w['other_rounds_bytes_received_per_client']:.0f} B"
+    )
+    console.print(
+        f"exact integer sum: {r['exact_sum']}; max |mean - float mean| = {r['max_abs_error']:.3g} "
+        f"(quantization bound {r['max_error_bound']:.3g} + float32 rounding); scale 2^{r['scale_bits']}"
+    )
     load = r["load_avg_1min"]
-    console.print(f"1-min load average before / after: {load[0]:.2f} / {load[1]:.2f} on {os.cpu_count()} cores "
-                  f"(this benchmark's own threads count too); peak RSS {r['peak_rss_mb']:.0f} MB")
+    console.print(
+        f"1-min load average before / after: {load[0]:.2f} / {load[1]:.2f} on {os.cpu_count()} cores "
+        f"(this benchmark's own threads count too); peak RSS {r['peak_rss_mb']:.0f} MB"
+    )
     record = {"args": {k: str(v) for k, v in vars(args).items()}, "machine": machine(), "result": r}
     return finish(args, console, out, record)

@@ -64,7 +64,9 @@ def measure_train_throughput(
     held before this call.
     """
     if steps < 1 or warmup < 0 or batch_size < 1:
-        raise ValueError(f"need steps >= 1, warmup >= 0, batch_size >= 1; got {steps}, {warmup}, {batch_size}")
+        raise ValueError(
+            f"need steps >= 1, warmup >= 0, batch_size >= 1; got {steps}, {warmup}, {batch_size}"
+        )
     device = fabric.device
     on_cuda = device.type == "cuda"
     model = prepare_model(model, fabric)
@@ -149,9 +151,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     p.add_argument("--num-classes", type=int, default=4)
     p.add_argument("--device", default="auto", help="Lightning Fabric accelerator: auto, cpu, cuda")
-    p.add_argument("--precision", default=None, help="Fabric precision; default bf16-mixed on CUDA, 32-true on CPU")
+    p.add_argument(
+        "--precision", default=None, help="Fabric precision; default bf16-mixed on CUDA, 32-true on CPU"
+    )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=None, help="JSON file; default results/train-throughput/<timestamp>.json")
+    p.add_argument(
+        "--out", type=Path, default=None, help="JSON file; default results/train-throughput/<timestamp>.json"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -161,10 +167,13 @@ def run(args: argparse.Namespace) -> int:
     fabric = make_fabric(args.device, args.precision)
     batch_size = args.batch_size or (24 if fabric.device.type == "cuda" else 2)
     model = _build(args.model, args.num_classes, args.img_size)
-    console.print(f"train-throughput: {args.model} {args.img_size}px, batch {batch_size}, "
-                  f"{args.warmup} warm-up + {args.steps} timed steps on {fabric.device} → {out}")
-    result = measure_train_throughput(model, args.img_size, batch_size, args.steps, args.warmup, fabric,
-                                      num_classes=args.num_classes)
+    console.print(
+        f"train-throughput: {args.model} {args.img_size}px, batch {batch_size}, "
+        f"{args.warmup} warm-up + {args.steps} timed steps on {fabric.device} → {out}"
+    )
+    result = measure_train_throughput(
+        model, args.img_size, batch_size, args.steps, args.warmup, fabric, num_classes=args.num_classes
+    )
     result = {"model": args.model, **result}
 
     table = Table(title=f"Training throughput: {args.model}")

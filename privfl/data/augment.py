@@ -13,13 +13,32 @@ the augmentation under a forked global RNG, so the caller's global RNG state is 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-__all__ = ["JointAugment", "RandomRot90", "dhunet_augment"]
+__all__ = ["Augment", "AugmentedDataset", "JointAugment", "RandomRot90", "dhunet_augment"]
+
+Augment = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+"""Per-sample joint augmentation ``(image 3×H×W, mask H×W) -> (image, mask)`` drawing from torch's
+global RNG, which the trainers seed per (seed, round, client)."""
+
+
+class AugmentedDataset(Dataset):
+    """``data`` with ``augment`` applied to every ``(image, mask)`` pair as it is read."""
+
+    def __init__(self, data: Dataset, augment: Augment):
+        self.data, self.augment = data, augment
+
+    def __len__(self) -> int:
+        return len(self.data)  # type: ignore[arg-type]
+
+    def __getitem__(self, i: int):
+        return self.augment(*self.data[i])
 
 
 class RandomRot90(v2.Transform):
@@ -33,7 +52,10 @@ class RandomRot90(v2.Transform):
         """Refuse tv_tensors other than images and masks (boxes or keypoints would need rotating too)."""
         for inpt in flat_inputs:
             if isinstance(inpt, tv_tensors.TVTensor) and not isinstance(inpt, self._transformed_types):
-                raise TypeError(f"RandomRot90 supports only tv_tensors.Image and tv_tensors.Mask, got {type(inpt).__name__}")
+                raise TypeError(
+                    "RandomRot90 supports only tv_tensors.Image and tv_tensors.Mask, got "
+                    f"{type(inpt).__name__}"
+                )
 
     def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
         return {"k": int(torch.randint(0, 4, ()).item())}
@@ -122,7 +144,9 @@ class JointAugment:
         if mask.is_floating_point() or mask.dtype == torch.bool:
             raise TypeError(f"mask must be an integer label tensor, got {mask.dtype}")
         if tuple(mask.shape) != tuple(image.shape[:-3]) + tuple(image.shape[-2:]):
-            raise ValueError(f"mask shape {tuple(mask.shape)} does not match image shape {tuple(image.shape)}")
+            raise ValueError(
+                f"mask shape {tuple(mask.shape)} does not match image shape {tuple(image.shape)}"
+            )
         h, w = image.shape[-2:]
         if self.rot90 and h != w:
             raise ValueError(

@@ -71,8 +71,14 @@ class MultiStainHistology(Dataset):
         self.modalities: tuple[str, ...] = mods
         self._datasets = {
             m: SyntheticHistology(
-                length, size=size, seed=seed, sites=sites, site=site,
-                stain_strength=stain_strength, cache=cache, stain=m,
+                length,
+                size=size,
+                seed=seed,
+                sites=sites,
+                site=site,
+                stain_strength=stain_strength,
+                cache=cache,
+                stain=m,
             )
             for m in mods
         }

@@ -7,7 +7,7 @@
   (``root/<class name>/*.png|jpg|tif``).
 
 Both expose ``labels`` (int64 tensor), ``num_classes`` and ``class_counts()``, which is what the
-embedding pipeline of :mod:`privfl.sharing` (issue 10) reads.
+embedding pipeline of :mod:`privfl.sharing` reads (docs/dpcvae.md).
 """
 
 from __future__ import annotations
@@ -80,7 +80,9 @@ class PatchClassification(Dataset):
     Python ``int`` in ``0..num_classes-1``.
     """
 
-    def __init__(self, base: Dataset, num_classes: int | None = None, *, drop_background: bool = True) -> None:
+    def __init__(
+        self, base: Dataset, num_classes: int | None = None, *, drop_background: bool = True
+    ) -> None:
         if num_classes is not None and num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         self.base = base
@@ -96,7 +98,8 @@ class PatchClassification(Dataset):
         if all_labels.size and all_labels.max() >= num_classes:
             bad = int(np.flatnonzero(all_labels >= num_classes)[0])
             raise ValueError(
-                f"patch {bad} has label {int(all_labels[bad])}, outside 0..{num_classes - 1} (num_classes={num_classes})"
+                f"patch {bad} has label {int(all_labels[bad])}, outside 0..{num_classes - 1} "
+                f"(num_classes={num_classes})"
             )
         self._num_classes = int(num_classes)
         keep = all_labels != 0 if self.drop_background else np.ones(n, dtype=bool)
@@ -110,7 +113,10 @@ class PatchClassification(Dataset):
             return int(root.dominant_class(j))
         item = self.base[index]
         if not isinstance(item, (tuple, list)) or len(item) < 2:
-            raise TypeError(f"PatchClassification needs a dataset of (image, mask) pairs; item {index} is {type(item).__name__}")
+            raise TypeError(
+                f"PatchClassification needs a dataset of (image, mask) pairs; item {index} is "
+                f"{type(item).__name__}"
+            )
         return dominant_label(item[1])
 
     # ------------------------------------------------------------------ Dataset protocol
@@ -188,7 +194,9 @@ class ImageFolderPatches(Dataset):
         labels: list[int] = []
         for k, folder in enumerate(class_dirs):
             files = sorted(
-                p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in exts
+                p
+                for p in folder.iterdir()
+                if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in exts
             )
             if not files:
                 raise DataError(f"class folder {folder} holds no image files ({', '.join(exts)})")

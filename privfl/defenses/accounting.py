@@ -42,7 +42,8 @@ hundreds), or returns a non-finite value is left out of the report, with the rea
 :attr:`EpsilonReport.skipped`; a failed bound is never reported. Results are cached per
 (event history, δ, accountant).
 
-Oracles (DESIGN.md): z = 1.5, q = 0.04, 2250 steps, δ = 1e-5 → RDP ε = 7.32911, PRV ε ≈ 6.777.
+Oracles (benchmarks/RESULTS.md, "Accountant oracles"): z = 1.5, q = 0.04, 2250 steps, δ = 1e-5 → RDP
+ε = 7.32911, PRV ε ≈ 6.777.
 """
 
 from __future__ import annotations
@@ -124,9 +125,10 @@ def _floor_ok(floor: float, delta: float) -> None:
     if floor > MAX_FLOOR_FRACTION * delta:
         raise DeltaFloorError(
             f"the noise's floating-point δ floor ({floor:.3g}, summed over the recorded releases) exceeds "
-            f"{MAX_FLOOR_FRACTION:g} × δ = {MAX_FLOOR_FRACTION * delta:.3g}: no guarantee at δ = {delta:g} can be "
-            "claimed. Ask for a larger δ, fewer releases or smaller updates (see "
-            "privfl.defenses.rng.NoiseSource.tail_floor)")
+            f"{MAX_FLOOR_FRACTION:g} × δ = {MAX_FLOOR_FRACTION * delta:.3g}: no guarantee at δ = {delta:g} "
+            "can be claimed. Ask for a larger δ, fewer releases or smaller updates (see "
+            "privfl.defenses.rng.NoiseSource.tail_floor)"
+        )
 
 
 @dataclass(frozen=True)
@@ -157,8 +159,11 @@ class EpsilonReport:
 
     def __str__(self) -> str:
         others = ", ".join(f"{k} {v:.6g}" for k, v in self.by_accountant.items())
-        shown = f"{self.delta:g}" if not self.delta_floor else \
-            f"{self.delta:.6g} ({self.requested_delta:g} + floating-point floor {self.delta_floor:.3g})"
+        shown = (
+            f"{self.delta:g}"
+            if not self.delta_floor
+            else f"{self.delta:.6g} ({self.requested_delta:g} + floating-point floor {self.delta_floor:.3g})"
+        )
         text = f"ε = {self.epsilon:.6g} at δ = {shown} ({self.accountant}; {others})"
         if self.skipped:
             text += "; skipped: " + "; ".join(f"{k}: {v}" for k, v in self.skipped.items())
@@ -168,10 +173,14 @@ class EpsilonReport:
 # ----------------------------------------------------------------------------------------------
 # events -> atoms
 
-_Atom: TypeAlias = dp_accounting.DpEvent  # GaussianDpEvent | LaplaceDpEvent | PoissonSampledDpEvent(q<1, G|L) | NonPrivate
+_Atom: TypeAlias = (
+    dp_accounting.DpEvent
+)  # GaussianDpEvent | LaplaceDpEvent | PoissonSampledDpEvent(q<1, G|L) | NonPrivate
 _NON_PRIVATE = dp_accounting.NonPrivateDpEvent()
-_SUPPORTED = ("GaussianDpEvent, LaplaceDpEvent, PoissonSampledDpEvent(q, Gaussian or Laplace), "
-              "SelfComposedDpEvent, ComposedDpEvent, NoOpDpEvent, NonPrivateDpEvent")
+_SUPPORTED = (
+    "GaussianDpEvent, LaplaceDpEvent, PoissonSampledDpEvent(q, Gaussian or Laplace), "
+    "SelfComposedDpEvent, ComposedDpEvent, NoOpDpEvent, NonPrivateDpEvent"
+)
 
 
 def _count(n: Any, name: str = "count") -> int:
@@ -209,12 +218,13 @@ def _atoms(event: dp_accounting.DpEvent, count: int = 1) -> list[tuple[_Atom, in
             return [(_NON_PRIVATE, count)]  # the sampled record is revealed with probability q > δ
         if all(isinstance(a, dp_accounting.GaussianDpEvent) for a, _ in inner):
             # Gaussians on the same sample compose into one with z_eff = (Σ c/z²)^(-1/2)
-            z = sum(c / a.noise_multiplier ** 2 for a, c in inner) ** -0.5
+            z = sum(c / a.noise_multiplier**2 for a, c in inner) ** -0.5
             return [(dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(z)), count)]
         if len(inner) == 1 and inner[0][1] == 1:
             return [(dp_accounting.PoissonSampledDpEvent(q, inner[0][0]), count)]
-        raise ValueError("PoissonSampledDpEvent must wrap Gaussian events or a single LaplaceDpEvent, "
-                         f"got {event.event!r}")
+        raise ValueError(
+            f"PoissonSampledDpEvent must wrap Gaussian events or a single LaplaceDpEvent, got {event.event!r}"
+        )
     raise ValueError(f"unsupported DP event {type(event).__name__}; supported: {_SUPPORTED}")
 
 
@@ -259,8 +269,28 @@ def _all_gaussian(history: _History) -> bool:
 
 # Orders added when the optimum sits at the largest default one (opacus' default orders stop at 63,
 # which caps how small ε can get: about log(1/δ)/62 ≈ 0.19 at δ = 1e-5, whatever the noise).
-_EXTRA_ORDERS = [64, 72, 80, 96, 112, 128, 160, 192, 256, 320, 384, 512, 768, 1024, 1536, 2048, 3072, 4096,
-                 6144, 8192]
+_EXTRA_ORDERS = [
+    64,
+    72,
+    80,
+    96,
+    112,
+    128,
+    160,
+    192,
+    256,
+    320,
+    384,
+    512,
+    768,
+    1024,
+    1536,
+    2048,
+    3072,
+    4096,
+    6144,
+    8192,
+]
 
 
 def _laplace_rdp(b: float, orders: np.ndarray) -> np.ndarray:
@@ -363,11 +393,15 @@ def _epsilon_or_reason(name: str, history: _History, delta: float) -> tuple[floa
         except _Skip as e:  # pragma: no cover - every supported history has a cheap bound
             return None, str(e)
         if len(history) > MAX_NUMERIC_KINDS:
-            return None, (f"not attempted: {len(history)} distinct kinds of release "
-                          f"(more than {MAX_NUMERIC_KINDS}) would each need their own discretisation")
+            return None, (
+                f"not attempted: {len(history)} distinct kinds of release "
+                f"(more than {MAX_NUMERIC_KINDS}) would each need their own discretisation"
+            )
         if eps_screen > NUMERIC_EPSILON_LIMIT:
-            return None, (f"not attempted: {cheap} bound ε = {eps_screen:.4g} > {NUMERIC_EPSILON_LIMIT:g}, "
-                          "where the discretisation would need too much memory")
+            return None, (
+                f"not attempted: {cheap} bound ε = {eps_screen:.4g} > {NUMERIC_EPSILON_LIMIT:g}, "
+                "where the discretisation would need too much memory"
+            )
     try:
         with warnings.catch_warnings(), np.errstate(all="ignore"):
             warnings.simplefilter("ignore")
@@ -435,8 +469,9 @@ class PrivacyAccountant:
     DP-FedAvg vs sample-level DP-SGD). Consecutive identical events are stored once with a count.
     """
 
-    def __init__(self, max_epsilon: float | None = None, delta: float = 1e-5,
-                 accountants: Sequence[str] = ACCOUNTANTS):
+    def __init__(
+        self, max_epsilon: float | None = None, delta: float = 1e-5, accountants: Sequence[str] = ACCOUNTANTS
+    ):
         self.max_epsilon = None if max_epsilon is None else check_epsilon(max_epsilon, "max_epsilon")
         self.delta = check_delta(delta)
         self.accountants = _check_accountants(accountants)
@@ -471,23 +506,30 @@ class PrivacyAccountant:
                 self._runs.append([atom, c])
             self._totals[atom] = self._totals.get(atom, 0) + c
 
-    def record_gaussian(self, noise_multiplier: float, sample_rate: float = 1.0, steps: int = 1, *,
-                        delta_floor: float = 0.0) -> None:
+    def record_gaussian(
+        self, noise_multiplier: float, sample_rate: float = 1.0, steps: int = 1, *, delta_floor: float = 0.0
+    ) -> None:
         """Record ``steps`` Gaussian releases with z = noise std / L2 sensitivity, each on a Poisson
         sample with probability ``sample_rate`` (1 = everyone, no sampling). ``delta_floor``: the
         floating-point floor of all ``steps`` releases together (see :meth:`record`)."""
         z = check_noise_multiplier(noise_multiplier)
         q = check_sample_rate(sample_rate)
         n = _count(steps, "steps")
-        self.record(dp_accounting.SelfComposedDpEvent(
-            dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(z)), n), delta_floor=delta_floor)
+        self.record(
+            dp_accounting.SelfComposedDpEvent(
+                dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(z)), n
+            ),
+            delta_floor=delta_floor,
+        )
 
     def record_laplace(self, noise_multiplier: float, steps: int = 1, *, delta_floor: float = 0.0) -> None:
         """Record ``steps`` Laplace releases with noise_multiplier = Laplace scale b / L1 sensitivity Δ₁
         (each is (1/noise_multiplier)-DP). ``delta_floor`` as in :meth:`record`."""
         b = check_noise_multiplier(noise_multiplier)
-        self.record(dp_accounting.SelfComposedDpEvent(dp_accounting.LaplaceDpEvent(b), _count(steps, "steps")),
-                    delta_floor=delta_floor)
+        self.record(
+            dp_accounting.SelfComposedDpEvent(dp_accounting.LaplaceDpEvent(b), _count(steps, "steps")),
+            delta_floor=delta_floor,
+        )
 
     # -- reading ----------------------------------------------------------------------------
 
@@ -521,12 +563,14 @@ class PrivacyAccountant:
         dlt = self.delta if delta is None else check_delta(delta)
         return _report(self._history(), dlt, self.accountants, self._delta_floor)
 
-    def epsilon_if(self, event: dp_accounting.DpEvent, delta: float | None = None, *,
-                   delta_floor: float = 0.0) -> EpsilonReport:
+    def epsilon_if(
+        self, event: dp_accounting.DpEvent, delta: float | None = None, *, delta_floor: float = 0.0
+    ) -> EpsilonReport:
         """ε as if ``event`` (with its ``delta_floor``) were recorded too; the accountant is not changed."""
         dlt = self.delta if delta is None else check_delta(delta)
-        return _report(self._history(event), dlt, self.accountants,
-                       self._delta_floor + check_delta_floor(delta_floor))
+        return _report(
+            self._history(event), dlt, self.accountants, self._delta_floor + check_delta_floor(delta_floor)
+        )
 
     def check_budget(self, event: dp_accounting.DpEvent, *, delta_floor: float = 0.0) -> None:
         """Raise :class:`PrivacyBudgetExceeded` if recording ``event`` would take ε above ``max_epsilon``,
@@ -549,7 +593,8 @@ class PrivacyAccountant:
             raise PrivacyBudgetExceeded(
                 f"this release would bring epsilon to {report.epsilon:.6g} (δ = {self.delta:g}, "
                 f"{report.accountant}), above max_epsilon = {self.max_epsilon:g}; spent so far: "
-                f"{self.epsilon().epsilon:.6g} over {self.steps} releases")
+                f"{self.epsilon().epsilon:.6g} over {self.steps} releases"
+            )
 
     # -- state --------------------------------------------------------------------------------
 
@@ -559,8 +604,14 @@ class PrivacyAccountant:
         for atom, c in self._runs:
             kind, z, q = _parts(atom)
             events.append({"mechanism": kind, "noise_multiplier": z, "sample_rate": q, "count": int(c)})
-        return {"format": STATE_FORMAT, "max_epsilon": self.max_epsilon, "delta": self.delta,
-                "accountants": list(self.accountants), "events": events, "delta_floor": self._delta_floor}
+        return {
+            "format": STATE_FORMAT,
+            "max_epsilon": self.max_epsilon,
+            "delta": self.delta,
+            "accountants": list(self.accountants),
+            "events": events,
+            "delta_floor": self._delta_floor,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Replace the recorded events by those in ``state`` (from :meth:`state_dict`).
@@ -587,24 +638,34 @@ class PrivacyAccountant:
         """
         budgets = [a.max_epsilon for a in accountants if a.max_epsilon is not None]
         names = [n for a in accountants for n in a.accountants] or list(ACCOUNTANTS)
-        merged = cls(max_epsilon=min(budgets) if budgets else None,
-                     delta=min((a.delta for a in accountants), default=1e-5), accountants=names)
+        merged = cls(
+            max_epsilon=min(budgets) if budgets else None,
+            delta=min((a.delta for a in accountants), default=1e-5),
+            accountants=names,
+        )
         for a in accountants:
             merged._add((atom, c) for atom, c in a._runs)
             merged._delta_floor += a._delta_floor
         return merged
 
     def __repr__(self) -> str:
-        return (f"PrivacyAccountant(max_epsilon={self.max_epsilon}, delta={self.delta}, "
-                f"accountants={self.accountants}, steps={self.steps}, delta_floor={self._delta_floor:.3g})")
+        return (
+            f"PrivacyAccountant(max_epsilon={self.max_epsilon}, delta={self.delta}, "
+            f"accountants={self.accountants}, steps={self.steps}, delta_floor={self._delta_floor:.3g})"
+        )
 
 
 # ----------------------------------------------------------------------------------------------
 # functional helpers
 
 
-def compute_epsilons(noise_multiplier: float, sample_rate: float, steps: int, delta: float,
-                     accountants: Sequence[str] = ACCOUNTANTS) -> dict[str, float]:
+def compute_epsilons(
+    noise_multiplier: float,
+    sample_rate: float,
+    steps: int,
+    delta: float,
+    accountants: Sequence[str] = ACCOUNTANTS,
+) -> dict[str, float]:
     """ε (nats) per accountant for ``steps`` Poisson-sampled Gaussian releases (z, q) at ``delta``.
 
     Accountants that fail for these parameters are omitted (see :attr:`EpsilonReport.skipped`).
@@ -616,8 +677,13 @@ def compute_epsilons(noise_multiplier: float, sample_rate: float, steps: int, de
 
 
 @lru_cache(maxsize=256)
-def calibrate(target_epsilon: float, delta: float, steps: int, sample_rate: float = 1.0,
-              accountant: str | tuple[str, ...] = TIGHTEST) -> float:
+def calibrate(
+    target_epsilon: float,
+    delta: float,
+    steps: int,
+    sample_rate: float = 1.0,
+    accountant: str | tuple[str, ...] = TIGHTEST,
+) -> float:
     """Smallest noise multiplier z (noise std / L2 sensitivity) whose ε after ``steps`` Poisson-sampled
     Gaussian releases at rate ``sample_rate`` is at most ``target_epsilon`` at ``delta``.
 
@@ -643,7 +709,9 @@ def calibrate(target_epsilon: float, delta: float, steps: int, sample_rate: floa
         raise ValueError("with no sampled steps any noise multiplier (even 0) gives epsilon 0")
 
     def eps(z: float) -> float:
-        history = _history_key(dict(_atoms(dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(z)), n)))
+        history = _history_key(
+            dict(_atoms(dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(z)), n))
+        )
         if len(names) > 1:
             return _report(history, dlt, names).epsilon
         value, reason = _epsilon_or_reason(names[0], history, dlt)
@@ -664,14 +732,17 @@ def calibrate(target_epsilon: float, delta: float, steps: int, sample_rate: floa
             raise ValueError(f"epsilon {target} is reached with essentially no noise (z < 1e-6)")
     # root of log ε(z) = log target in log z (ε is smooth and monotone there), then make sure we are on
     # the safe side: ε(z) <= target
-    log_z = scipy.optimize.brentq(lambda u: math.log(max(eps(math.exp(u)), 1e-300) / target), math.log(lo),
-                                  math.log(hi), xtol=1e-6)
+    log_z = scipy.optimize.brentq(
+        lambda u: math.log(max(eps(math.exp(u)), 1e-300) / target), math.log(lo), math.log(hi), xtol=1e-6
+    )
     z = min(math.exp(log_z), hi)
     step = 1e-6
     while eps(z) > target:
         z = min(z * (1 + step), hi)
         step *= 2
     if eps(z) < 0.99 * target:
-        raise RuntimeError(f"calibration stalled: epsilon {eps(z):.6g} at z = {z:.6g} is not within 1% of "
-                           f"{target} (accountant {accountant!r} is not continuous here)")
+        raise RuntimeError(
+            f"calibration stalled: epsilon {eps(z):.6g} at z = {z:.6g} is not within 1% of "
+            f"{target} (accountant {accountant!r} is not continuous here)"
+        )
     return z

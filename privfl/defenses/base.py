@@ -18,12 +18,12 @@ parameters kept local by partial sharing) leave the global state unchanged.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Literal, Protocol
 
 from privfl.defenses.accounting import PrivacyAccountant
-from privfl.updates import Update, clone, weighted_mean
+from privfl.updates import Update, UpdateSpec, clone, weighted_mean
 
 Payload = Any
 """What a client sends: an :data:`~privfl.updates.Update` or an opaque object (e.g. ciphertext bytes)."""
@@ -62,11 +62,15 @@ class RoundContext:
     sampling_rate: float = 1.0
     extra: dict[str, Any] = field(default_factory=dict)
     survivors: tuple[int, ...] | None = None
-    before_reveal: Callable[[tuple[int, ...], int], None] | None = field(default=None, compare=False, repr=False)
+    before_reveal: Callable[[tuple[int, ...], int], None] | None = field(
+        default=None, compare=False, repr=False
+    )
 
     def __post_init__(self) -> None:
         if len(self.sampled) != len(self.weights):
-            raise ValueError(f"RoundContext: {len(self.sampled)} sampled clients but {len(self.weights)} weights")
+            raise ValueError(
+                f"RoundContext: {len(self.sampled)} sampled clients but {len(self.weights)} weights"
+            )
         if not 0 < self.sampling_rate <= 1:
             raise ValueError(f"RoundContext: sampling_rate must be in (0, 1], got {self.sampling_rate}")
 
@@ -77,6 +81,43 @@ class RoundContext:
     def weight_of(self, client_id: int) -> float:
         """The aggregation weight of sampled client ``client_id`` (raises ``ValueError`` if not sampled)."""
         return self.weights[self.sampled.index(client_id)]
+
+
+Aggregation = Literal["plain", "encrypted", "interactive"]
+"""How the server of a defense obtains the aggregate (:attr:`Defense.aggregation`)."""
+
+
+class Transport(ABC):
+    """How the server's instance of an ``"interactive"`` aggregator (:attr:`Defense.aggregation`)
+    reaches the clients' instances and their replies come back: in one process, or over a network
+    (:mod:`privfl.integrations.flower` sends each exchange as Flower messages).
+
+    Attributes:
+        fault_tolerant: a client whose reply is invalid is dropped from the round, with its reason in
+            the aggregator's :attr:`~Defense.rejected_clients`, instead of the round raising. Remote
+            transports set it: one broken or hostile client must not stop the others.
+    """
+
+    fault_tolerant: bool = False
+
+    @abstractmethod
+    def exchange(self, step: str, messages: Mapping[int, bytes]) -> dict[int, bytes]:
+        """Deliver ``messages[c]`` to client ``c`` for protocol step ``step`` and return
+        ``{c: reply bytes}`` for the clients that answered; a client missing from it dropped out."""
+
+
+class EncryptedAggregator(Protocol):
+    """The server half of an ``"encrypted"`` aggregator (:attr:`Defense.aggregation`): it adds
+    payloads it cannot read and holds no key (e.g. :class:`~privfl.defenses.ckks.CKKSServer`).
+    Refusals raise a :class:`~privfl.errors.PrivflError` naming the payload."""
+
+    def aggregate(self, payloads: Sequence[bytes | None], weights: Sequence[float] | None = None) -> bytes:
+        """The encrypted weighted mean of the payloads (``None``: a client that dropped out)."""
+        ...
+
+    def check_payload(self, payload: bytes, weight: float | None = None, what: str = "payload") -> None:
+        """Refuse one payload as :meth:`aggregate` would, without aggregating it."""
+        ...
 
 
 class Defense(ABC):
@@ -97,11 +138,45 @@ class Defense(ABC):
             aggregation rejecting an input whose signature fails): the clients whose payload is in
             the last aggregate. ``None``: every non-``None`` payload is. :class:`Compose` accounts
             the noise stages with it.
+
+    Aggregation capability — what an integration that runs the server and the clients in separate
+    processes (:mod:`privfl.integrations.flower`) dispatches on, instead of the aggregator's type,
+    so that a new secure aggregator needs no change there. The class attribute
+    :attr:`aggregation` (an :data:`Aggregation`; :class:`Compose` forwards its last stage's) says how
+    the server obtains the aggregate, and :attr:`aggregating_stage` is the object whose methods the
+    integration then calls:
+
+    * ``"plain"`` (default): :meth:`aggregate` on the server returns the mean update from the
+      payloads. Nothing else is called.
+    * ``"encrypted"`` (:class:`~privfl.defenses.ckks.CKKSAggregation`): the server only adds the
+      payloads, which it cannot read, into an encrypted aggregate, with a keyless server half (an
+      :class:`EncryptedAggregator`); the clients, who hold the key, open that aggregate with
+      :meth:`open_aggregate` and keep the global state themselves, and report :attr:`layout` next
+      to their payload (the server accounts the release by its size). An instance holds the key,
+      so the server's defense must not contain one: it has the stages before it, and the server
+      half.
+    * ``"interactive"`` (:class:`~privfl.defenses.secagg.SecureAggregation`): aggregation takes
+      extra message rounds between the server and the clients, and the payloads are opaque bytes.
+      Server side: :meth:`connect` gives the instance a :class:`Transport` to the clients;
+      :meth:`before_round` runs the set-up rounds, after which only :attr:`ready_clients` can
+      send; :meth:`set_layout` gives it the (public) layout of the updates the clients report;
+      :meth:`aggregate` runs the closing rounds, and :attr:`aggregated_clients` and
+      :attr:`rejected_clients` then say whose input counts and why the others were dropped. Client
+      side: :meth:`client_step` answers one protocol message from the node's saved protocol state;
+      :meth:`resume_client` loads that state before :meth:`protect`, :meth:`client_state` returns
+      it afterwards, and :attr:`layout` is the layout of the update it protected.
+
+    The methods of a capability a defense does not declare raise ``NotImplementedError``.
     """
 
     hides_individual_updates: bool = False
     tolerated_colluders: int = 0
     aggregated_clients: tuple[int, ...] | None = None
+    aggregation: Aggregation = "plain"
+    layout: UpdateSpec | None = None
+    """``"encrypted"`` and ``"interactive"``, client side: the layout (names, shapes, dtypes) of the
+    update the last :meth:`protect` turned into opaque bytes — public metadata the server needs to
+    read the mean or to account its release."""
 
     def bind(self, before: Sequence[Defense], after: Sequence[Defense]) -> None:
         """Called once by :class:`Compose` with the stages written before and after this one, e.g. to
@@ -150,6 +225,60 @@ class Defense(ABC):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned (stateless defenses have nothing to restore)."""
         return None
+
+    # ---- the aggregation capability (see the class docstring) ----------------------------------
+
+    @property
+    def aggregating_stage(self) -> Defense:
+        """The stage that aggregates, whose :attr:`aggregation` capability an integration uses:
+        this defense (a :class:`Compose`: its last stage's)."""
+        return self
+
+    def _lacks(self, method: str) -> NotImplementedError:
+        return NotImplementedError(f"{type(self).__name__}.{method}: its aggregation is {self.aggregation!r}")
+
+    def open_aggregate(self, aggregate: bytes) -> Update:
+        """``"encrypted"``, on a key holder: decrypt the encrypted aggregate the server made of the
+        round's payloads into the weighted mean update."""
+        raise self._lacks("open_aggregate")
+
+    def connect(self, transport: Transport) -> None:
+        """``"interactive"``, server side: reach the clients through ``transport`` from now on."""
+        raise self._lacks("connect")
+
+    @property
+    def ready_clients(self) -> tuple[int, ...]:
+        """``"interactive"``, server side, after :meth:`before_round`: the sampled clients that
+        completed the set-up rounds, the only ones that can send a payload."""
+        raise self._lacks("ready_clients")
+
+    def set_layout(self, spec: UpdateSpec) -> None:
+        """``"interactive"``, server side: the layout of this round's updates, as the clients report
+        it next to their opaque payloads, to read the mean."""
+        raise self._lacks("set_layout")
+
+    @property
+    def rejected_clients(self) -> dict[int, str]:
+        """``"interactive"``, server side, after :meth:`aggregate`: the clients whose payload or
+        protocol message was dropped, with the reason. Default: none."""
+        return {}
+
+    def client_step(
+        self, client_id: int, step: str, message: bytes, state: bytes | None
+    ) -> tuple[bytes, bytes]:
+        """``"interactive"``, client side: answer the server's ``message`` for protocol ``step`` as
+        client ``client_id`` whose saved protocol state is ``state`` (``None``: none yet). Returns
+        ``(reply, new state)``; the caller keeps the state on the client, never sends it."""
+        raise self._lacks("client_step")
+
+    def resume_client(self, client_id: int, state: bytes | None) -> None:
+        """``"interactive"``, client side: before :meth:`protect`, load client ``client_id``'s saved
+        protocol state (raises when no round is set up on this client)."""
+        raise self._lacks("resume_client")
+
+    def client_state(self) -> bytes:
+        """``"interactive"``, client side: the protocol state to keep after :meth:`protect`."""
+        raise self._lacks("client_state")
 
 
 class NoDefense(Defense):
@@ -208,11 +337,20 @@ class Compose(Defense):
                 raise TypeError(f"Compose: stage {i} is {type(stage).__name__}, not a Defense")
         self.stages: tuple[Defense, ...] = stages
         for i, stage in enumerate(stages):
-            stage.bind(stages[:i], stages[i + 1:])
+            stage.bind(stages[:i], stages[i + 1 :])
 
     @property
     def hides_individual_updates(self) -> bool:  # type: ignore[override]
         return self.stages[-1].hides_individual_updates
+
+    @property
+    def aggregation(self) -> Aggregation:  # type: ignore[override]
+        """The last stage's: it aggregates."""
+        return self.stages[-1].aggregation
+
+    @property
+    def aggregating_stage(self) -> Defense:
+        return self.stages[-1].aggregating_stage
 
     @property
     def accountant(self) -> PrivacyAccountant | None:
@@ -239,7 +377,8 @@ class Compose(Defense):
             if i > 0 and not isinstance(payload, dict):
                 raise TypeError(
                     f"Compose: stage {i - 1} ({type(self.stages[i - 1]).__name__}) returned an opaque "
-                    f"{type(payload).__name__}; only the last stage may do that")
+                    f"{type(payload).__name__}; only the last stage may do that"
+                )
             payload = stage.protect(payload, ctx)
         return payload
 

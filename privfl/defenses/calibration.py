@@ -68,7 +68,8 @@ def check_delta(delta: float, name: str = "delta") -> float:
 
 
 def check_sensitivity(s: float, name: str = "sensitivity") -> float:
-    """Return ``s`` as a float if it is a finite sensitivity / clip norm > 0; else raise :class:`ValueError`."""
+    """Return ``s`` as a float if it is a finite sensitivity / clip norm > 0; else raise
+    :class:`ValueError`."""
     return _positive_finite(s, name)
 
 
@@ -85,7 +86,8 @@ def check_noise_multiplier(z: float, name: str = "noise_multiplier") -> float:
 
 
 def check_sample_rate(q: float, name: str = "sample_rate") -> float:
-    """Return ``q`` as a float if it is a Poisson sampling probability in [0, 1]; else raise :class:`ValueError`."""
+    """Return ``q`` as a float if it is a Poisson sampling probability in [0, 1]; else raise
+    :class:`ValueError`."""
     x = _real(q, name)
     if not 0.0 <= x <= 1.0:  # also refuses NaN
         raise ValueError(f"{name} must be a probability in [0, 1], got {q!r}")
@@ -172,8 +174,10 @@ def classical_gaussian_sigma(epsilon: float, delta: float, sensitivity: float = 
     dlt = check_delta(delta)
     delta_s = check_sensitivity(sensitivity)
     if eps >= 1:
-        raise ValueError(f"the classical Gaussian mechanism is only proven for epsilon < 1, got epsilon={eps}; "
-                         "use analytic_gaussian_sigma (calibration='analytic') instead")
+        raise ValueError(
+            f"the classical Gaussian mechanism is only proven for epsilon < 1, got epsilon={eps}; "
+            "use analytic_gaussian_sigma (calibration='analytic') instead"
+        )
     return delta_s * math.sqrt(2.0 * math.log(1.25 / dlt)) / eps
 
 

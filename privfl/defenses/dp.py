@@ -118,7 +118,7 @@ class ClipUpdate(Defense):
         if not self.per_layer:
             return unflatten(clip_vector(vec, self.max_norm), spec)
         per_entry = self.max_norm / math.sqrt(max(1, len(spec.entries)))
-        pieces = [clip_vector(vec[e.offset:e.offset + e.numel], per_entry) for e in spec.entries]
+        pieces = [clip_vector(vec[e.offset : e.offset + e.numel], per_entry) for e in spec.entries]
         return unflatten(torch.cat(pieces) if pieces else vec, spec)
 
     def aggregate(self, payloads: Sequence[Payload], ctx: RoundContext) -> Update:
@@ -133,12 +133,20 @@ class _NoiseMechanism(Defense):
 
     placement: str
 
-    def __init__(self, noise: NoiseSource | None, accountant: PrivacyAccountant | None,
-                 max_epsilon: float | None, delta: float):
+    def __init__(
+        self,
+        noise: NoiseSource | None,
+        accountant: PrivacyAccountant | None,
+        max_epsilon: float | None,
+        delta: float,
+    ):
         self.noise = noise if noise is not None else default_noise()
         if not getattr(self.noise, "secure", False):
-            warnings.warn(f"{type(self).__name__}: noise source {self.noise.name!r} is not cryptographically "
-                          "secure — fine for reproducible experiments, not for real deployments", stacklevel=3)
+            warnings.warn(
+                f"{type(self).__name__}: noise source {self.noise.name!r} is not cryptographically "
+                "secure — fine for reproducible experiments, not for real deployments",
+                stacklevel=3,
+            )
         if max_epsilon is not None:
             check_epsilon(max_epsilon)
             if accountant is not None:
@@ -277,7 +285,9 @@ class GaussianMechanism(_NoiseMechanism):
             raise ValueError("give exactly one of noise_multiplier or (epsilon, delta)")
         if noise_multiplier is not None:
             if delta is not None:
-                raise ValueError("delta calibrates the noise from epsilon; with noise_multiplier use accounting_delta")
+                raise ValueError(
+                    "delta calibrates the noise from epsilon; with noise_multiplier use accounting_delta"
+                )
             self.noise_multiplier = check_noise_multiplier(noise_multiplier)
             self.calibrated_from: tuple[float, float] | None = None
         else:
@@ -285,8 +295,11 @@ class GaussianMechanism(_NoiseMechanism):
                 raise ValueError("epsilon needs a delta to calibrate Gaussian noise")
             assert epsilon is not None  # exactly one of noise_multiplier / epsilon, checked above
             eps, dlt = check_epsilon(epsilon), check_delta(delta)
-            sigma_unit = analytic_gaussian_sigma(eps, dlt, 1.0) if calibration == "analytic" \
+            sigma_unit = (
+                analytic_gaussian_sigma(eps, dlt, 1.0)
+                if calibration == "analytic"
                 else classical_gaussian_sigma(eps, dlt, 1.0)
+            )
             self.noise_multiplier = sigma_unit
             self.calibrated_from = (eps, dlt)
         self.sensitivity = check_sensitivity(sensitivity) if sensitivity is not None else None
@@ -295,8 +308,10 @@ class GaussianMechanism(_NoiseMechanism):
             if isinstance(colluders, bool) or not isinstance(colluders, int) or colluders < 0:
                 raise ValueError(f"colluders must be an int >= 0, got {colluders!r}")
             if placement != "distributed":
-                raise ValueError("colluders applies to placement='distributed' only: under 'local' each client's "
-                                 "noise is its own, under 'central' the server adds it")
+                raise ValueError(
+                    "colluders applies to placement='distributed' only: under 'local' each client's "
+                    "noise is its own, under 'central' the server adds it"
+                )
         self.colluders: int | None = colluders
         self.calibration = calibration
         super().__init__(noise, accountant, max_epsilon, accounting_delta)
@@ -313,8 +328,11 @@ class GaussianMechanism(_NoiseMechanism):
             return
         hiding = [d for d in after if d.hides_individual_updates]
         if not hiding:
-            warnings.warn("distributed Gaussian noise without a secure aggregator after it: the server sees "
-                          "each client's update with only its share of the noise", stacklevel=3)
+            warnings.warn(
+                "distributed Gaussian noise without a secure aggregator after it: the server sees "
+                "each client's update with only its share of the noise",
+                stacklevel=3,
+            )
         elif self.colluders is None:
             self.colluders = hiding[0].tolerated_colluders
 
@@ -325,16 +343,21 @@ class GaussianMechanism(_NoiseMechanism):
 
     def aggregate(self, payloads: Sequence[Payload], ctx: RoundContext) -> Update:
         if self.placement == "distributed":  # aggregating itself: the payloads were seen in the clear
-            warnings.warn("GaussianMechanism(placement='distributed') aggregated in the clear: each client's "
-                          "update carried only its share of the noise. Put SecureAggregation or "
-                          "CKKSAggregation after it in a Compose", stacklevel=2)
+            warnings.warn(
+                "GaussianMechanism(placement='distributed') aggregated in the clear: each client's "
+                "update carried only its share of the noise. Put SecureAggregation or "
+                "CKKSAggregation after it in a Compose",
+                stacklevel=2,
+            )
         return super().aggregate(payloads, ctx)
 
     @property
     def clip_norm(self) -> float:
         if self.sensitivity is None:
-            raise ValueError("GaussianMechanism needs sensitivity= (the L2 clip norm C), or a ClipUpdate "
-                             "before it in a Compose")
+            raise ValueError(
+                "GaussianMechanism needs sensitivity= (the L2 clip norm C), or a ClipUpdate "
+                "before it in a Compose"
+            )
         return self.sensitivity
 
     def effective_noise_multiplier(self, ctx: RoundContext) -> float:
@@ -360,7 +383,7 @@ class GaussianMechanism(_NoiseMechanism):
         ws = sorted(survivors, reverse=True)
         if len(ws) == len(w) and self.assumed_colluders == 0:
             return self.noise_multiplier
-        honest = [ws[0], *ws[1 + self.assumed_colluders:]]
+        honest = [ws[0], *ws[1 + self.assumed_colluders :]]
         share = self.noise_multiplier * max(w) / math.sqrt(sum(x * x for x in w))  # s / C
         return share * math.sqrt(sum(x * x for x in honest)) / ws[0]
 
@@ -391,12 +414,15 @@ class GaussianMechanism(_NoiseMechanism):
         return self.clip_norm
 
     def _sample(self, vec: torch.Tensor, ctx: RoundContext) -> torch.Tensor:
-        return self.noise.gaussian(vec.shape, self.noise_std(ctx), key=self._noise_key(ctx), dtype=vec.dtype,
-                                   device=vec.device)
+        return self.noise.gaussian(
+            vec.shape, self.noise_std(ctx), key=self._noise_key(ctx), dtype=vec.dtype, device=vec.device
+        )
 
     def __repr__(self) -> str:
-        return (f"GaussianMechanism(noise_multiplier={self.noise_multiplier:.6g}, sensitivity={self.sensitivity}, "
-                f"placement={self.placement!r}, noise={self.noise.name!r})")
+        return (
+            f"GaussianMechanism(noise_multiplier={self.noise_multiplier:.6g}, "
+            f"sensitivity={self.sensitivity}, placement={self.placement!r}, noise={self.noise.name!r})"
+        )
 
 
 class LaplaceMechanism(_NoiseMechanism):
@@ -411,9 +437,17 @@ class LaplaceMechanism(_NoiseMechanism):
     Threat model: as :class:`GaussianMechanism` for the same placement.
     """
 
-    def __init__(self, epsilon: float, sensitivity: float, *, placement: Literal["local", "central"] = "local",
-                 noise: NoiseSource | None = None, accountant: PrivacyAccountant | None = None,
-                 max_epsilon: float | None = None, accounting_delta: float = 1e-5):
+    def __init__(
+        self,
+        epsilon: float,
+        sensitivity: float,
+        *,
+        placement: Literal["local", "central"] = "local",
+        noise: NoiseSource | None = None,
+        accountant: PrivacyAccountant | None = None,
+        max_epsilon: float | None = None,
+        accounting_delta: float = 1e-5,
+    ):
         if placement not in ("local", "central"):
             raise ValueError(f"LaplaceMechanism placement must be 'local' or 'central', got {placement!r}")
         self.epsilon_per_round = check_epsilon(epsilon)
@@ -444,12 +478,15 @@ class LaplaceMechanism(_NoiseMechanism):
         return self.sensitivity
 
     def _sample(self, vec: torch.Tensor, ctx: RoundContext) -> torch.Tensor:
-        return self.noise.laplace(vec.shape, self.scale(ctx), key=self._noise_key(ctx), dtype=vec.dtype,
-                                  device=vec.device)
+        return self.noise.laplace(
+            vec.shape, self.scale(ctx), key=self._noise_key(ctx), dtype=vec.dtype, device=vec.device
+        )
 
     def __repr__(self) -> str:
-        return (f"LaplaceMechanism(epsilon={self.epsilon_per_round}, sensitivity={self.sensitivity}, "
-                f"placement={self.placement!r}, noise={self.noise.name!r})")
+        return (
+            f"LaplaceMechanism(epsilon={self.epsilon_per_round}, sensitivity={self.sensitivity}, "
+            f"placement={self.placement!r}, noise={self.noise.name!r})"
+        )
 
 
 class FedDPNoise(GaussianMechanism):
@@ -475,20 +512,43 @@ class FedDPNoise(GaussianMechanism):
     Threat model: as :class:`GaussianMechanism` with the same placement.
     """
 
-    def __init__(self, sigma: float, clip: float, *, placement: Literal["local", "central"] = "local",
-                 noise: NoiseSource | None = None, accountant: PrivacyAccountant | None = None,
-                 max_epsilon: float | None = None, accounting_delta: float = 1e-5):
-        if not (isinstance(sigma, (int, float)) and not isinstance(sigma, bool) and math.isfinite(sigma)
-                and sigma > 0):
-            raise ValueError(f"FedDPNoise: sigma (the noise multiplier of Eq. 11) must be a positive finite "
-                             f"number, got {sigma!r}")
+    def __init__(
+        self,
+        sigma: float,
+        clip: float,
+        *,
+        placement: Literal["local", "central"] = "local",
+        noise: NoiseSource | None = None,
+        accountant: PrivacyAccountant | None = None,
+        max_epsilon: float | None = None,
+        accounting_delta: float = 1e-5,
+    ):
+        if not (
+            isinstance(sigma, (int, float))
+            and not isinstance(sigma, bool)
+            and math.isfinite(sigma)
+            and sigma > 0
+        ):
+            raise ValueError(
+                f"FedDPNoise: sigma (the noise multiplier of Eq. 11) must be a positive finite "
+                f"number, got {sigma!r}"
+            )
         if placement not in ("local", "central"):
-            raise ValueError(f"FedDPNoise placement must be 'local' (the paper's text) or 'central' (Eq. 11's "
-                             f"single noise term), got {placement!r}")
+            raise ValueError(
+                f"FedDPNoise placement must be 'local' (the paper's text) or 'central' (Eq. 11's "
+                f"single noise term), got {placement!r}"
+            )
         clip = check_sensitivity(clip)
         self.sigma = float(sigma)
-        super().__init__(self.sigma, sensitivity=clip, placement=placement, noise=noise,
-                         accountant=accountant, max_epsilon=max_epsilon, accounting_delta=accounting_delta)
+        super().__init__(
+            self.sigma,
+            sensitivity=clip,
+            placement=placement,
+            noise=noise,
+            accountant=accountant,
+            max_epsilon=max_epsilon,
+            accounting_delta=accounting_delta,
+        )
 
     def bind(self, before: Sequence[Defense], after: Sequence[Defense]) -> None:
         return None  # C is part of Eq. 11; never inherited
@@ -499,5 +559,7 @@ class FedDPNoise(GaussianMechanism):
         return self.clip_norm / self.sigma
 
     def __repr__(self) -> str:
-        return (f"FedDPNoise(sigma={self.sigma}, clip={self.sensitivity}, placement={self.placement!r}, "
-                f"noise={self.noise.name!r})")
+        return (
+            f"FedDPNoise(sigma={self.sigma}, clip={self.sensitivity}, placement={self.placement!r}, "
+            f"noise={self.noise.name!r})"
+        )

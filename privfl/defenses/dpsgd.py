@@ -97,20 +97,30 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torch.utils.data._utils.collate import default_collate
 
+from privfl.data.augment import Augment, AugmentedDataset
 from privfl.defenses.accounting import ACCOUNTANTS, EpsilonReport, PrivacyAccountant, calibrate
 from privfl.defenses.calibration import check_sample_rate
 from privfl.defenses.rng import NoiseSource, default_noise
-from privfl.fl.client import Augment, ClientConfig, _Augmented, load_state, scheduled_batches, trainable_state
-from privfl.seeding import derive_seed
-from privfl.models.dp_compat import check_private_compatible
+from privfl.models.dp_compat import check_private_compatible, make_private_compatible
 from privfl.models.losses import per_sample_loss
+from privfl.models.training import ClientConfig, load_state, scheduled_batches, trainable_state
+from privfl.seeding import derive_seed
 from privfl.updates import Update
 
-__all__ = ["DPSGD", "DPSGDResult", "PoissonBatchSampler", "dpsgd_event", "fit_dp_sgd", "poisson_loader",
-           "round_delta_floor"]
+__all__ = [
+    "DPSGD",
+    "DPSGDResult",
+    "DPSGDTrainer",
+    "PoissonBatchSampler",
+    "dpsgd_event",
+    "fit_dp_sgd",
+    "poisson_loader",
+    "round_delta_floor",
+]
 
 _IGNORED_WARNINGS = (
-    "Secure RNG turned off",  # opacus' own generator is unused: privfl draws noise and batches (module docstring)
+    # opacus' own generator is unused: privfl draws noise and batches (module docstring)
+    "Secure RNG turned off",
     "Full backward hook is firing",  # torch, when the input batch does not require grad (it never does)
 )
 
@@ -126,8 +136,11 @@ def dpsgd_event(noise_multiplier: float, sample_rate: float, steps: int) -> dp_a
     """The dp-accounting event of ``steps`` DP-SGD steps with noise multiplier ``z`` and Poisson
     sampling rate ``q``: ``SelfComposedDpEvent(PoissonSampledDpEvent(q, GaussianDpEvent(z)), steps)``."""
     return dp_accounting.SelfComposedDpEvent(
-        dp_accounting.PoissonSampledDpEvent(float(sample_rate), dp_accounting.GaussianDpEvent(float(noise_multiplier))),
-        int(steps))
+        dp_accounting.PoissonSampledDpEvent(
+            float(sample_rate), dp_accounting.GaussianDpEvent(float(noise_multiplier))
+        ),
+        int(steps),
+    )
 
 
 @dataclass
@@ -156,8 +169,11 @@ class DPSGD:
     noise: NoiseSource = field(default_factory=default_noise)
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.max_grad_norm, (int, float)) and math.isfinite(self.max_grad_norm)
-                and self.max_grad_norm > 0):
+        if not (
+            isinstance(self.max_grad_norm, (int, float))
+            and math.isfinite(self.max_grad_norm)
+            and self.max_grad_norm > 0
+        ):
             raise ValueError(f"max_grad_norm must be a finite number > 0, got {self.max_grad_norm!r}")
         if (self.noise_multiplier is None) == (self.target_epsilon is None):
             raise ValueError("give exactly one of noise_multiplier and target_epsilon")
@@ -193,8 +209,15 @@ class DPSGD:
         if self.noise_multiplier is not None:
             return float(self.noise_multiplier)
         assert self.target_epsilon is not None
-        return float(calibrate(float(self.target_epsilon), float(self.delta), int(steps), float(sample_rate),
-                               accountant=tuple(self.accountants)))
+        return float(
+            calibrate(
+                float(self.target_epsilon),
+                float(self.delta),
+                int(steps),
+                float(sample_rate),
+                accountant=tuple(self.accountants),
+            )
+        )
 
 
 @dataclass
@@ -245,8 +268,15 @@ class PoissonBatchSampler(Sampler[list[int]]):
     derives ``q = 1 / len(loader)``, sees the rate actually sampled with).
     """
 
-    def __init__(self, num_samples: int, sample_rate: float, noise: NoiseSource, *, key: tuple = (),
-                 batches_per_pass: int | None = None) -> None:
+    def __init__(
+        self,
+        num_samples: int,
+        sample_rate: float,
+        noise: NoiseSource,
+        *,
+        key: tuple = (),
+        batches_per_pass: int | None = None,
+    ) -> None:
         if isinstance(num_samples, bool) or int(num_samples) != num_samples or num_samples < 1:
             raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
         q = check_sample_rate(sample_rate)
@@ -283,9 +313,11 @@ def poisson_loader(dataset: Dataset, batch_size: int, noise: NoiseSource, *, key
     per_pass = math.ceil(n / int(batch_size))
     sampler = PoissonBatchSampler(n, 1 / per_pass, noise, key=key, batches_per_pass=per_pass)
     first = dataset[0]  # shapes and dtypes of an empty batch drawn before any non-empty one (as opacus)
-    collate = wrap_collate_with_empty(collate_fn=default_collate,
-                                      sample_empty_shapes=[(0, *shape_safe(x)) for x in first],
-                                      dtypes=[dtype_safe(x) for x in first])
+    collate = wrap_collate_with_empty(
+        collate_fn=default_collate,
+        sample_empty_shapes=[(0, *shape_safe(x)) for x in first],
+        dtypes=[dtype_safe(x) for x in first],
+    )
     return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate)
 
 
@@ -301,8 +333,10 @@ def _check_state_keys(model: nn.Module, global_state: Update) -> None:
     unexpected, missing = sorted(given - expected), sorted(expected - given)
     hint = ""
     if any(k.endswith(("running_mean", "running_var")) for k in unexpected):
-        hint = (" The global state has BatchNorm statistics: build the FL global model itself with "
-                "make_private_compatible(...) so that server and clients share the DP-compatible keys.")
+        hint = (
+            " The global state has BatchNorm statistics: build the FL global model itself with "
+            "make_private_compatible(...) so that server and clients share the DP-compatible keys."
+        )
     raise ValueError(
         f"global_state does not match the model's trainable state: unexpected {unexpected[:5]}"
         f"{'…' if len(unexpected) > 5 else ''}, missing {missing[:5]}{'…' if len(missing) > 5 else ''}.{hint}"
@@ -320,8 +354,9 @@ def _draw_noise_from(optimizer: DPOptimizer, noise: NoiseSource, key: tuple) -> 
         for i, p in enumerate(optimizer.params):
             summed = p.summed_grad
             _check_processed_flag(summed)
-            sample = noise.gaussian(summed.shape, std, key=("dpsgd", *key, step, i), dtype=summed.dtype,
-                                    device=summed.device)
+            sample = noise.gaussian(
+                summed.shape, std, key=("dpsgd", *key, step, i), dtype=summed.dtype, device=summed.device
+            )
             p.grad = (summed + sample).view_as(p)
             _mark_as_processed(summed)
 
@@ -334,8 +369,14 @@ def round_delta_floor(noise: NoiseSource, params: Iterable[torch.Tensor], steps:
     return int(steps) * sum(noise.tail_floor("gaussian", p.numel()) for p in params)
 
 
-def make_private(module: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader, z: float, dp: DPSGD,
-                 noise_key: tuple) -> tuple:
+def make_private(
+    module: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loader: DataLoader,
+    z: float,
+    dp: DPSGD,
+    noise_key: tuple,
+) -> tuple:
     """opacus' ``make_private`` with privfl's settings: per-sample clip ``dp.max_grad_norm``, noise
     multiplier ``z``, the noise drawn from ``dp.noise`` under ``noise_key``, and Poisson sampling by
     ``loader``'s own :class:`PoissonBatchSampler` (from :func:`poisson_loader`; opacus is asked not
@@ -351,8 +392,15 @@ def make_private(module: nn.Module, optimizer: torch.optim.Optimizer, loader: Da
         warnings.filterwarnings("ignore", message=msg)
     engine = PrivacyEngine(accountant="rdp")
     gsm, dp_optimizer, dp_loader = engine.make_private(
-        module=module, optimizer=optimizer, data_loader=loader, noise_multiplier=z,
-        max_grad_norm=dp.max_grad_norm, loss_reduction="mean", poisson_sampling=False, grad_sample_mode="hooks")
+        module=module,
+        optimizer=optimizer,
+        data_loader=loader,
+        noise_multiplier=z,
+        max_grad_norm=dp.max_grad_norm,
+        loss_reduction="mean",
+        poisson_sampling=False,
+        grad_sample_mode="hooks",
+    )
     gsm.forbid_grad_accumulation()  # what opacus does for its own Poisson loader
     dp_optimizer.expected_batch_size = int(sampler.num_samples * sampler.sample_rate)
     _draw_noise_from(dp_optimizer, dp.noise, noise_key)
@@ -403,7 +451,9 @@ def fit_dp_sgd(
     if n == 0:
         raise ValueError(f"client {client_id} has no training samples")
     if total_rounds < 1 or not 0 <= round_idx < total_rounds:
-        raise ValueError(f"need 0 <= round_idx < total_rounds, got round_idx={round_idx}, total_rounds={total_rounds}")
+        raise ValueError(
+            f"need 0 <= round_idx < total_rounds, got round_idx={round_idx}, total_rounds={total_rounds}"
+        )
     loss_fn = per_sample_loss(loss_fn)
     acct = dp.make_accountant(accountant_state)  # validates the state before any training
 
@@ -422,7 +472,7 @@ def fit_dp_sgd(
     load_state(work, global_state)
 
     torch.manual_seed(derive_seed(seed, round_idx, client_id, "dropout+augment"))
-    data = dataset if augment is None else _Augmented(dataset, augment)
+    data = dataset if augment is None else AugmentedDataset(dataset, augment)
     loader = poisson_loader(data, config.batch_size, dp.noise, key=("dpsgd-sampling", round_idx, client_id))
     sample_rate = loader.batch_sampler.sample_rate  # type: ignore[union-attr]
     steps = config.steps_per_round(n)
@@ -432,7 +482,9 @@ def fit_dp_sgd(
         work.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
     )
     with warnings.catch_warnings():
-        engine, gsm, dp_optimizer, dp_loader = make_private(work, optimizer, loader, z, dp, (round_idx, client_id))
+        engine, gsm, dp_optimizer, dp_loader = make_private(
+            work, optimizer, loader, z, dp, (round_idx, client_id)
+        )
         event = dpsgd_event(z, sample_rate, steps)
         floor = round_delta_floor(dp.noise, dp_optimizer.params, steps)
         acct.check_budget(event, delta_floor=floor)  # DeltaFloorError before, not after, training
@@ -444,7 +496,9 @@ def fit_dp_sgd(
                 dp_optimizer.zero_grad(set_to_none=True)
                 loss = loss_fn(gsm(images), masks)  # batch mean of per-sample losses (0 if empty)
                 if not torch.isfinite(loss):
-                    raise FloatingPointError(f"client {client_id}: non-finite loss at round {round_idx} step {step}")
+                    raise FloatingPointError(
+                        f"client {client_id}: non-finite loss at round {round_idx} step {step}"
+                    )
                 loss.backward()
                 dp_optimizer.step()
                 loss_sum += float(loss.detach()) * images.shape[0]
@@ -471,3 +525,80 @@ def fit_dp_sgd(
         epsilon_report=report,
         delta_floor=floor,
     )
+
+
+class DPSGDTrainer:
+    """Sample-level DP-SGD as ``run_federated``'s local trainer (a
+    :class:`~privfl.models.training.LocalTrainer`): every client trains with :func:`fit_dp_sgd` under
+    ``dp`` and keeps its own :class:`~privfl.defenses.accounting.PrivacyAccountant`, whose state is
+    checkpointed (``state_dict``, keyed by client id) and reported per round (:meth:`privacy_record`).
+
+    :meth:`prepare` converts a model opacus cannot handle with
+    :func:`~privfl.models.dp_compat.make_private_compatible` (BatchNorm → GroupNorm, …).
+    """
+
+    name = "dp_sgd"
+
+    def __init__(self, dp: DPSGD):
+        self.dp = dp
+        self.states: dict[int, dict[str, Any]] = {}
+        """Each client's ``PrivacyAccountant.state_dict()`` so far."""
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        """``model``, converted for opacus when it needs it (:func:`make_private_compatible`)."""
+        return make_private_compatible(model) if check_private_compatible(model.train()) else model
+
+    def fit(
+        self,
+        model: nn.Module,
+        train_data: Dataset,
+        global_state: Update,
+        config: ClientConfig,
+        *,
+        loss_fn: nn.Module,
+        augment: Augment | None,
+        round_idx: int,
+        total_rounds: int,
+        seed: int,
+        client_id: int,
+        fabric: Any,
+    ) -> tuple[Update, float]:
+        """One client's round of :func:`fit_dp_sgd` on the Fabric's device; its accountant state is
+        kept for the next round."""
+        res = fit_dp_sgd(
+            model,
+            train_data,
+            global_state,
+            config,
+            self.dp,
+            loss_fn=loss_fn,
+            augment=augment,
+            round_idx=round_idx,
+            total_rounds=total_rounds,
+            seed=seed,
+            client_id=client_id,
+            device=fabric.device,
+            accountant_state=self.states.get(client_id),
+        )
+        self.states[client_id] = res.accountant_state
+        return res.delta, res.loss
+
+    def state_dict(self) -> dict[str, Any]:
+        """Every client's accountant state, keyed by client id (as a string: JSON)."""
+        return {str(c): state for c, state in self.states.items()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        self.states = {int(c): st for c, st in state.items()}
+
+    def privacy_record(self) -> dict[str, Any]:
+        """Sample-level (ε, δ) of the clients so far: the largest client ε (and the δ it holds at,
+        the largest over clients), its accountant, and every client's ε."""
+        reports = {str(c): self.dp.make_accountant(st).epsilon() for c, st in sorted(self.states.items())}
+        worst = max(reports.values(), key=lambda r: r.epsilon, default=None)
+        return {
+            "epsilon": worst.epsilon if worst else 0.0,
+            "delta": max((r.delta for r in reports.values()), default=self.dp.delta),
+            "accountant": worst.accountant if worst else None,
+            "per_client": {c: r.epsilon for c, r in reports.items()},
+        }

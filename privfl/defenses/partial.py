@@ -108,7 +108,9 @@ def topk_mask(values: torch.Tensor, k: int) -> torch.Tensor:
     return mask
 
 
-def random_mask(numel: int, k: int, *seed_parts: int | str, device: torch.device | str | None = None) -> torch.Tensor:
+def random_mask(
+    numel: int, k: int, *seed_parts: int | str, device: torch.device | str | None = None
+) -> torch.Tensor:
     """Boolean mask of ``k`` of ``numel`` positions drawn uniformly without replacement, from a CPU
     generator seeded with ``derive_seed(*seed_parts)`` (reproducible, not secret)."""
     if not 0 <= k <= numel:
@@ -186,7 +188,9 @@ class PartialSharing(Defense):
         seed: int | None = None,
     ):
         if (share is None) == (fraction is None):
-            raise ValueError("PartialSharing: give exactly one of share= (name patterns) or fraction= (θ per round)")
+            raise ValueError(
+                "PartialSharing: give exactly one of share= (name patterns) or fraction= (θ per round)"
+            )
         self.patterns: tuple[str, ...] | None = None
         self.fraction: float | None = None
         self.select: Selection | None = None
@@ -207,7 +211,9 @@ class PartialSharing(Defense):
             try:
                 theta = float(fraction)  # type: ignore[arg-type]
             except (TypeError, ValueError) as err:
-                raise TypeError(f"PartialSharing: fraction must be a number in (0, 1], got {fraction!r}") from err
+                raise TypeError(
+                    f"PartialSharing: fraction must be a number in (0, 1], got {fraction!r}"
+                ) from err
             if not (math.isfinite(theta) and 0 < theta <= 1):
                 raise ValueError(f"PartialSharing: fraction must be in (0, 1], got {fraction!r}")
             select = "topk" if select is None else select
@@ -246,8 +252,10 @@ class PartialSharing(Defense):
         unmatched = [p for p in self.patterns if not any(fnmatchcase(k, p) for k in keys)]
         if unmatched:
             sample = ", ".join(repr(k) for k in keys[:4]) + (", ..." if len(keys) > 4 else "")
-            raise ValueError(f"PartialSharing: share= pattern(s) {unmatched} match no parameter name "
-                             f"(names look like {sample or 'nothing: the update is empty'})")
+            raise ValueError(
+                f"PartialSharing: share= pattern(s) {unmatched} match no parameter name "
+                f"(names look like {sample or 'nothing: the update is empty'})"
+            )
         return [k for k in keys if self.is_shared(k)]
 
     @staticmethod
@@ -263,8 +271,10 @@ class PartialSharing(Defense):
             return None
         value = kept[key]
         if value.shape != glob.shape:
-            raise InvalidUpdateError(f"PartialSharing: client {cid} kept {key!r} with shape {tuple(value.shape)}, "
-                                     f"but the global state has {tuple(glob.shape)}")
+            raise InvalidUpdateError(
+                f"PartialSharing: client {cid} kept {key!r} with shape {tuple(value.shape)}, "
+                f"but the global state has {tuple(glob.shape)}"
+            )
         value = value.to(device=glob.device, dtype=glob.dtype)
         if self.patterns is not None:
             return value.clone()
@@ -278,12 +288,15 @@ class PartialSharing(Defense):
         values put back (a new dict; ``global_state`` and its tensors are not modified)."""
         cid = self._client(ctx, "personalize")
         if not isinstance(global_state, Mapping):
-            raise InvalidUpdateError(f"PartialSharing.personalize: expected a dict of tensors, "
-                                     f"got {type(global_state).__name__}")
+            raise InvalidUpdateError(
+                f"PartialSharing.personalize: expected a dict of tensors, got {type(global_state).__name__}"
+            )
         missing = [k for k in self._kept.get(cid, {}) if k not in global_state]
         if missing:
-            raise InvalidUpdateError(f"PartialSharing: client {cid} kept {missing[:5]} locally, but the global "
-                                     "state has no such entries")
+            raise InvalidUpdateError(
+                f"PartialSharing: client {cid} kept {missing[:5]} locally, but the global "
+                "state has no such entries"
+            )
         if self.patterns is not None:
             shared = set(self.shared_keys(global_state))
             local_keys = [k for k in global_state if k not in shared]
@@ -306,16 +319,20 @@ class PartialSharing(Defense):
             raise RuntimeError(
                 f"PartialSharing.protect: client {cid} in round {ctx.round}, but personalize() was called "
                 f"{when} for it this round; call defense.personalize(global_state, ctx.for_client({cid})) "
-                "before the client trains (it needs the state the client starts from)")
+                "before the client trains (it needs the state the client starts from)"
+            )
         out: dict[str, torch.Tensor] = {}
         for k in keys:
             if k not in start.refs:
-                raise InvalidUpdateError(f"PartialSharing.protect: update[{k!r}] is not in the state passed to "
-                                         "personalize()")
+                raise InvalidUpdateError(
+                    f"PartialSharing.protect: update[{k!r}] is not in the state passed to personalize()"
+                )
             ref = start.refs[k]
             if _version(ref) != start.versions[k]:
-                raise RuntimeError(f"PartialSharing.protect: global_state[{k!r}] was modified in place between "
-                                   "personalize() and protect(); replace the global state, do not update it in place")
+                raise RuntimeError(
+                    f"PartialSharing.protect: global_state[{k!r}] was modified in place between "
+                    "personalize() and protect(); replace the global state, do not update it in place"
+                )
             kept = self._kept_entry(cid, k, ref)
             out[k] = ref.detach() if kept is None else kept
         return out
@@ -326,10 +343,14 @@ class PartialSharing(Defense):
         coordinates zero). ``update`` is not mutated."""
         cid = self._client(ctx, "protect")
         if not isinstance(update, Mapping):
-            raise InvalidUpdateError(f"PartialSharing.protect: expected a dict of tensors, got {type(update).__name__}")
+            raise InvalidUpdateError(
+                f"PartialSharing.protect: expected a dict of tensors, got {type(update).__name__}"
+            )
         for k, t in update.items():
             if not isinstance(t, torch.Tensor):
-                raise InvalidUpdateError(f"PartialSharing.protect: update[{k!r}] is {type(t).__name__}, not a Tensor")
+                raise InvalidUpdateError(
+                    f"PartialSharing.protect: update[{k!r}] is {type(t).__name__}, not a Tensor"
+                )
         if self.patterns is not None:
             return self._protect_by_name(dict(update), cid, ctx)
         return self._protect_by_fraction(dict(update), cid, ctx)
@@ -346,14 +367,18 @@ class PartialSharing(Defense):
         for name, t in update.items():
             if not t.dtype.is_floating_point:
                 raise InvalidUpdateError(
-                    f"PartialSharing(fraction=...): update[{name!r}] has dtype {t.dtype}; coordinate selection only "
-                    "applies to floating entries — drop integer buffers (e.g. num_batches_tracked) first")
+                    f"PartialSharing(fraction=...): update[{name!r}] has dtype {t.dtype}; coordinate "
+                    "selection only applies to floating entries — drop integer buffers (e.g. "
+                    "num_batches_tracked) first"
+                )
         vec, spec = flatten(update)
         if vec.numel() == 0:
             raise InvalidUpdateError("PartialSharing(fraction=...): the update is empty, nothing to share")
         if not bool(torch.isfinite(vec).all()):
             bad = [k for k, t in update.items() if not bool(torch.isfinite(t).all())]
-            raise InvalidUpdateError(f"PartialSharing(fraction=...): update has NaN or inf values in {bad[:5]}")
+            raise InvalidUpdateError(
+                f"PartialSharing(fraction=...): update has NaN or inf values in {bad[:5]}"
+            )
         assert self.fraction is not None
         k = shared_count(self.fraction, vec.numel())
         if self.select == "topk":
@@ -367,7 +392,7 @@ class PartialSharing(Defense):
         masks: dict[str, torch.Tensor] = {}
         for e in spec.entries:
             delta = update[e.name].detach()
-            sent = mask[e.offset:e.offset + e.numel].view(e.shape).to(delta.device)
+            sent = mask[e.offset : e.offset + e.numel].view(e.shape).to(delta.device)
             payload[e.name] = torch.where(sent, delta, torch.zeros_like(delta))
             if not bool(sent.all()):
                 local = apply({e.name: start[e.name]}, {e.name: delta})[e.name]
@@ -383,8 +408,11 @@ class PartialSharing(Defense):
         (it would also transform the part kept local, e.g. clip it)."""
         if before:
             names = ", ".join(type(d).__name__ for d in before)
-            warnings.warn(f"PartialSharing should be the first stage of a Compose: {names} before it also "
-                          "transform(s) the part each client keeps local", stacklevel=3)
+            warnings.warn(
+                f"PartialSharing should be the first stage of a Compose: {names} before it also "
+                "transform(s) the part each client keeps local",
+                stacklevel=3,
+            )
 
     # ---------------------------------------------------------------- server side
 
@@ -393,19 +421,26 @@ class PartialSharing(Defense):
         weights renormalised). Pattern mode: only the shared keys (a partial update)."""
         payloads = list(payloads)
         if len(payloads) != len(ctx.weights):
-            raise ValueError(f"PartialSharing.aggregate: {len(payloads)} payloads for {len(ctx.weights)} "
-                             "sampled clients")
+            raise ValueError(
+                f"PartialSharing.aggregate: {len(payloads)} payloads for {len(ctx.weights)} sampled clients"
+            )
         arrived = [(p, w) for p, w in zip(payloads, ctx.weights) if p is not None]
         if not arrived:
-            raise ValueError("PartialSharing.aggregate: every sampled client dropped out; nothing to aggregate")
+            raise ValueError(
+                "PartialSharing.aggregate: every sampled client dropped out; nothing to aggregate"
+            )
         for i, (p, _) in enumerate(arrived):
             if not isinstance(p, Mapping):
-                raise TypeError(f"PartialSharing.aggregate: payload {i} is {type(p).__name__}, not a dict of tensors")
+                raise TypeError(
+                    f"PartialSharing.aggregate: payload {i} is {type(p).__name__}, not a dict of tensors"
+                )
             if self.patterns is not None:
                 local = [k for k in p if not self.is_shared(k)]
                 if local:
-                    raise InvalidUpdateError(f"PartialSharing.aggregate: payload {i} has entries {local[:5]} that "
-                                             "are meant to stay local (they match no share= pattern)")
+                    raise InvalidUpdateError(
+                        f"PartialSharing.aggregate: payload {i} has entries {local[:5]} that "
+                        "are meant to stay local (they match no share= pattern)"
+                    )
         return weighted_mean([p for p, _ in arrived], [w for _, w in arrived])
 
     # ---------------------------------------------------------------- state
@@ -421,8 +456,13 @@ class PartialSharing(Defense):
         return {k: t.clone() for k, t in self._masks.get(client_id, {}).items()}
 
     def _config(self) -> dict[str, Any]:
-        return {"mode": self.mode, "share": list(self.patterns) if self.patterns is not None else None,
-                "fraction": self.fraction, "select": self.select, "seed": self.seed}
+        return {
+            "mode": self.mode,
+            "share": list(self.patterns) if self.patterns is not None else None,
+            "fraction": self.fraction,
+            "select": self.select,
+            "seed": self.seed,
+        }
 
     def state_dict(self) -> dict[str, Any]:
         """The configuration and every client's kept-local values (and masks in fraction mode).
@@ -433,26 +473,36 @@ class PartialSharing(Defense):
         """
         return {
             "config": self._config(),
-            "clients": {str(cid): {"kept": {k: t.detach().cpu().clone() for k, t in kept.items()},
-                                   "masks": {k: t.cpu().clone() for k, t in self._masks.get(cid, {}).items()}}
-                        for cid, kept in sorted(self._kept.items())},
+            "clients": {
+                str(cid): {
+                    "kept": {k: t.detach().cpu().clone() for k, t in kept.items()},
+                    "masks": {k: t.cpu().clone() for k, t in self._masks.get(cid, {}).items()},
+                }
+                for cid, kept in sorted(self._kept.items())
+            },
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned (the configuration must match)."""
         if "config" not in state or "clients" not in state:
-            raise ValueError("PartialSharing.load_state_dict: not a PartialSharing state (needs 'config' and 'clients')")
+            raise ValueError(
+                "PartialSharing.load_state_dict: not a PartialSharing state (needs 'config' and 'clients')"
+            )
         if state["config"] != self._config():
-            raise ValueError(f"PartialSharing.load_state_dict: state was written by {state['config']}, "
-                             f"this defense is {self._config()}")
+            raise ValueError(
+                f"PartialSharing.load_state_dict: state was written by {state['config']}, "
+                f"this defense is {self._config()}"
+            )
         kept: dict[int, Update] = {}
         masks: dict[int, dict[str, torch.Tensor]] = {}
         for cid, st in state["clients"].items():
             kept[int(cid)] = {k: t.clone() for k, t in st["kept"].items()}
             if self.patterns is None:
                 if set(st["masks"]) != set(st["kept"]):
-                    raise ValueError(f"PartialSharing.load_state_dict: client {cid} has kept values and masks "
-                                     "for different entries")
+                    raise ValueError(
+                        f"PartialSharing.load_state_dict: client {cid} has kept values and masks "
+                        "for different entries"
+                    )
                 masks[int(cid)] = {k: t.clone().bool() for k, t in st["masks"].items()}
         self._kept, self._masks, self._start = kept, masks, {}
 

@@ -55,11 +55,10 @@ Memory and speed
 ----------------
 Large requests are produced in chunks of 256 Ki values (1 MiB of float32, cache-sized) with in-place
 numpy ufuncs, so apart from the result each worker thread holds only one chunk's keystream and
-scratch buffers (12 bytes per value for Gaussian noise, 16 for Laplace noise: 3 and 4 MiB). On the
-2-core development machine :class:`SecureNoise` Gaussian noise for the 55.4 M parameters of DHU-Net
-(float32, 64-bit uniforms and float64 radii) takes about 0.7× the time of ``torch.randn`` of the
-same size with both cores free and about 1.2× with one core (``python -m privfl.bench noise``
-measures both side by side; one core: under ``taskset -c 0``).
+scratch buffers (12 bytes per value for Gaussian noise, 16 for Laplace noise: 3 and 4 MiB).
+``python -m privfl.bench noise`` times :class:`SecureNoise` against ``torch.randn`` of the same size,
+with both cores free and with one (under ``taskset -c 0``); the figures are in
+``benchmarks/RESULTS.md``, section "DP noise source".
 """
 
 from __future__ import annotations
@@ -78,11 +77,17 @@ import torch
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from torch import Tensor
 
-from privfl.seeding import derive_seed
 from privfl.parallel import run_blocks
+from privfl.seeding import derive_seed
 
-__all__ = ["GAUSSIAN_MAX_RADIUS", "LAPLACE_MAX_MAGNITUDE", "NoiseSource", "SecureNoise", "SeededNoise",
-           "default_noise"]
+__all__ = [
+    "GAUSSIAN_MAX_RADIUS",
+    "LAPLACE_MAX_MAGNITUDE",
+    "NoiseSource",
+    "SecureNoise",
+    "SeededNoise",
+    "default_noise",
+]
 
 ShapeLike = int | Sequence[int] | torch.Size
 
@@ -108,7 +113,7 @@ _ANGLE64 = 2 * math.pi * 2.0**-64  # int64 word -> θ in [-π, π)
 def _uniform64(words: np.ndarray, out: np.ndarray) -> None:
     """``out = (v + 1)·2⁻⁶⁴`` in float64 for the 64-bit words ``v`` (an int64 array, overwritten).
 
-    numpy converts int64 to float64 with SIMD but uint64 an element at a time (8× slower), so the
+    numpy converts int64 to float64 with SIMD but uint64 an element at a time (much slower), so the
     words are converted as signed ints and ``2⁶⁴`` is added back where the top bit is set. Each
     step rounds to nearest (``u`` is within about one float64 ulp of the exact value, and exact
     below 2⁻¹¹), so ``u`` lies in ``(0, 1]``: the smallest is ``2⁻⁶⁴`` exactly (v = 0) and no
@@ -191,16 +196,30 @@ class NoiseSource(ABC):
     secure: bool
     """Whether the noise is unpredictable to an adversary (cryptographically secure)."""
 
-    def gaussian(self, shape: ShapeLike, std: float, *, key: tuple = (), dtype: torch.dtype = torch.float32,
-                 device: torch.device | str = "cpu") -> Tensor:
+    def gaussian(
+        self,
+        shape: ShapeLike,
+        std: float,
+        *,
+        key: tuple = (),
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> Tensor:
         """I.i.d. ``N(0, std²)`` noise of ``shape``; ``std`` in the units of the tensor it is added to.
 
         ``std == 0`` gives zeros; a negative, infinite or NaN ``std`` raises ValueError.
         """
         return self._draw(self._gaussian, shape, _check_scale(std, "std"), key, dtype, device)
 
-    def laplace(self, shape: ShapeLike, scale: float, *, key: tuple = (), dtype: torch.dtype = torch.float32,
-                device: torch.device | str = "cpu") -> Tensor:
+    def laplace(
+        self,
+        shape: ShapeLike,
+        scale: float,
+        *,
+        key: tuple = (),
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> Tensor:
         """I.i.d. Laplace(0, ``scale``) noise of ``shape`` (density ``exp(-|x|/b) / 2b``, so
         ``E|X| = b`` and std ``√2·b``); ``scale`` in the units of the tensor it is added to.
 
@@ -246,8 +265,15 @@ class NoiseSource(ABC):
             return torch.ones(n, dtype=torch.bool)
         return self._bernoulli(n, q, tuple(key))
 
-    def _draw(self, fill: Any, shape: ShapeLike, scale: float, key: tuple, dtype: torch.dtype,
-              device: torch.device | str) -> Tensor:
+    def _draw(
+        self,
+        fill: Any,
+        shape: ShapeLike,
+        scale: float,
+        key: tuple,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> Tensor:
         dims = _check_shape(shape)
         dtype = _check_dtype(dtype)
         key = tuple(key)
@@ -311,8 +337,8 @@ class SecureNoise(NoiseSource):
     parallel, writing straight into the result's memory (a torch tensor viewed as numpy, no copies).
     This is deliberately not done with torch's intra-op (OpenMP) threads: every torch op is a
     parallel region that waits for its slowest thread, and on a shared machine where another
-    process holds one core that made the same work about 5× slower; work-sharing threads
-    degrade gracefully to one core's speed instead.
+    process holds one core that made the same work several times slower (``benchmarks/RESULTS.md``,
+    section "DP noise source"); work-sharing threads degrade gracefully to one core's speed instead.
     """
 
     name = "chacha20 (secure)"
@@ -351,9 +377,14 @@ class SecureNoise(NoiseSource):
         enc = Cipher(algorithms.ChaCha20(key, nonce), mode=None).encryptor()
         enc.update_into(zeros, out.data)
 
-    def _run(self, m: int, out_dtype: torch.dtype, value_bytes: int,
-             chunk_fn: Callable[[np.ndarray, np.ndarray, tuple], None],
-             make_scratch: Callable[[int], tuple] = lambda c: ()) -> np.ndarray:
+    def _run(
+        self,
+        m: int,
+        out_dtype: torch.dtype,
+        value_bytes: int,
+        chunk_fn: Callable[[np.ndarray, np.ndarray, tuple], None],
+        make_scratch: Callable[[int], tuple] = lambda c: (),
+    ) -> np.ndarray:
         """Fill ``m`` values of ``out_dtype`` chunk by chunk (chunks of ``chunk_size`` values, even):
         ``chunk_fn(out, raw, scratch)`` gets the chunk's output slice, its ``value_bytes`` bytes of
         keystream per value as a uint8 array, and this thread's ``make_scratch(chunk_size)``."""
@@ -369,10 +400,14 @@ class SecureNoise(NoiseSource):
             nbytes = size * value_bytes
             raw = scratch[0][:nbytes]
             self._keystream(key, call, i, zeros[:nbytes], raw)
-            chunk_fn(out[start:start + size], raw, scratch[1:])
+            chunk_fn(out[start : start + size], raw, scratch[1:])
 
-        run_blocks(n_chunks, work, lambda: (np.empty(c * value_bytes, dtype=np.uint8), *make_scratch(c)),
-                   self.threads)
+        run_blocks(
+            n_chunks,
+            work,
+            lambda: (np.empty(c * value_bytes, dtype=np.uint8), *make_scratch(c)),
+            self.threads,
+        )
         return out
 
     def _gaussian(self, n: int, std: float, key: tuple, dtype: torch.dtype) -> Tensor:
@@ -385,17 +420,17 @@ class SecureNoise(NoiseSource):
             r = o[:p] if f64 else scratch[0][:p]  # radius, float64
             z = o[p:]
             s = scratch[-1][:p]
-            _uniform64(raw[:8 * p].view(np.int64), r)  # u in (0, 1]
+            _uniform64(raw[: 8 * p].view(np.int64), r)  # u in (0, 1]
             np.log(r, out=r)
             r *= factor
             np.sqrt(r, out=r)
             if factor == -2.0:
                 r *= std
             if f64:
-                np.copyto(z, raw[8 * p:].view(np.int64), casting="unsafe")
+                np.copyto(z, raw[8 * p :].view(np.int64), casting="unsafe")
                 z *= _ANGLE64  # θ in [-π, π)
             else:
-                np.copyto(z, raw[8 * p:].view(np.int32), casting="unsafe")
+                np.copyto(z, raw[8 * p :].view(np.int32), casting="unsafe")
                 z *= _ANGLE32
             np.sin(z, out=s)
             np.cos(z, out=z)
@@ -411,8 +446,13 @@ class SecureNoise(NoiseSource):
         if f64:
             out = self._run(n + (n & 1), torch.float64, 8, chunk, lambda c: (np.empty(c // 2),))
         else:
-            out = self._run(n + (n & 1), torch.float32, 6, chunk,
-                            lambda c: (np.empty(c // 2), np.empty(c // 2, dtype=np.float32)))
+            out = self._run(
+                n + (n & 1),
+                torch.float32,
+                6,
+                chunk,
+                lambda c: (np.empty(c // 2), np.empty(c // 2, dtype=np.float32)),
+            )
         return torch.from_numpy(out)[:n]
 
     def _laplace(self, n: int, scale: float, key: tuple, dtype: torch.dtype) -> Tensor:

@@ -10,7 +10,17 @@ from privfl.fl.loop import FederatedResult, run_federated
 from privfl.fl.server import Server
 
 __all__ = [
-    "CheckpointMismatchError", "Client", "ClientConfig", "FederatedResult", "Server", "default_precision",
-    "evaluate", "load_checkpoint", "load_state", "make_fabric", "run_federated", "save_checkpoint",
+    "CheckpointMismatchError",
+    "Client",
+    "ClientConfig",
+    "FederatedResult",
+    "Server",
+    "default_precision",
+    "evaluate",
+    "load_checkpoint",
+    "load_state",
+    "make_fabric",
+    "run_federated",
+    "save_checkpoint",
     "trainable_state",
 ]

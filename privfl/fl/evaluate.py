@@ -11,7 +11,9 @@ from privfl.metrics import SegmentationMeter, SegmentationResult
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data: Dataset, num_classes: int, fabric: Fabric, batch_size: int = 16) -> SegmentationResult:
+def evaluate(
+    model: nn.Module, data: Dataset, num_classes: int, fabric: Fabric, batch_size: int = 16
+) -> SegmentationResult:
     """Metrics of ``model`` (eval mode) on ``data`` following the DHUnet conventions."""
     model.eval()
     meter = SegmentationMeter(num_classes)

@@ -13,18 +13,20 @@ import time
 from collections.abc import Callable, Sequence, Sized
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, cast
 
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
 from privfl.data.partition import train_val_split
 from privfl.defenses.base import Defense, NoDefense
+from privfl.defenses.dpsgd import DPSGD, DPSGDTrainer
 from privfl.fl.checkpoint import CheckpointMismatchError, load_checkpoint, save_checkpoint
 from privfl.fl.client import (
     Augment,
     Client,
     ClientConfig,
+    SGDTrainer,
     clamp_running_variances,
     load_state,
     trainable_state,
@@ -33,12 +35,10 @@ from privfl.fl.device import make_fabric, prepare_model
 from privfl.fl.evaluate import evaluate
 from privfl.fl.server import Server
 from privfl.models.losses import default_loss
+from privfl.models.training import LocalTrainer
 from privfl.progress import progress_bar
 from privfl.seeding import derive_seed
 from privfl.updates import Update, global_l2_norm
-
-if TYPE_CHECKING:
-    from privfl.defenses.dpsgd import DPSGD
 
 
 @dataclass
@@ -61,8 +61,12 @@ def _privacy_record(defense: Defense) -> dict[str, Any] | None:
     if accountant is None:
         return None
     report = accountant.epsilon()
-    return {"epsilon": report.epsilon, "delta": report.delta, "accountant": report.accountant,
-            "rounds_accounted": accountant.steps}
+    return {
+        "epsilon": report.epsilon,
+        "delta": report.delta,
+        "accountant": report.accountant,
+        "rounds_accounted": accountant.steps,
+    }
 
 
 def _defense_reports(defense: Defense) -> dict[str, Any] | None:
@@ -76,39 +80,17 @@ def _defense_reports(defense: Defense) -> dict[str, Any] | None:
     return reports or None
 
 
-def _fit_dp_sgd(client: Client, model: nn.Module, global_state: Update, dp: DPSGD, round_idx: int, rounds: int,
-                seed: int, fabric: Any, states: dict[int, dict[str, Any]]) -> tuple[Update, float]:
-    """One client's round with DP-SGD; records its event in the client's accountant state in ``states``."""
-    from privfl.defenses.dpsgd import fit_dp_sgd
-
-    cid = client.client_id
-    res = fit_dp_sgd(model, client.train_data, global_state, client.config, dp, loss_fn=client.loss_fn,
-                     augment=client.augment, round_idx=round_idx, total_rounds=rounds, seed=seed, client_id=cid,
-                     device=fabric.device, accountant_state=states.get(cid))
-    states[cid] = res.accountant_state
-    return res.delta, res.loss
-
-
-def _sample_privacy_record(dp: DPSGD | None, states: dict[int, dict[str, Any]]) -> dict[str, Any] | None:
-    """Sample-level (ε, δ) of the DP-SGD clients so far: the largest client ε (and the δ it holds at,
-    the largest over clients), its accountant, and every client's ε."""
-    if dp is None:
-        return None
-    reports = {str(c): dp.make_accountant(state).epsilon() for c, state in sorted(states.items())}
-    worst = max(reports.values(), key=lambda r: r.epsilon, default=None)
-    return {"epsilon": worst.epsilon if worst else 0.0,
-            "delta": max((r.delta for r in reports.values()), default=dp.delta),
-            "accountant": worst.accountant if worst else None,
-            "per_client": {c: r.epsilon for c, r in reports.items()}}
-
-
-def _split_clients(datasets: Sequence[Dataset], val_fraction: float, seed: int) -> list[tuple[Dataset, Dataset | None]]:
+def _split_clients(
+    datasets: Sequence[Dataset], val_fraction: float, seed: int
+) -> list[tuple[Dataset, Dataset | None]]:
     out: list[tuple[Dataset, Dataset | None]] = []
     for cid, ds in enumerate(datasets):
         if val_fraction <= 0:
             out.append((ds, None))
             continue
-        tr, va = train_val_split(list(range(len(cast(Sized, ds)))), val_fraction, seed=derive_seed(seed, cid, "val"))
+        tr, va = train_val_split(
+            list(range(len(cast(Sized, ds)))), val_fraction, seed=derive_seed(seed, cid, "val")
+        )
         out.append((Subset(ds, list(tr)), Subset(ds, list(va))))
     return out
 
@@ -135,6 +117,7 @@ def run_federated(
     progress: bool = True,
     on_round_end: Callable[[dict[str, Any]], None] | None = None,
     dp_sgd: DPSGD | None = None,
+    trainer: LocalTrainer | None = None,
 ) -> FederatedResult:
     """Federated training with FedAvg, a defense in the loop, checkpoints and resume.
 
@@ -162,18 +145,21 @@ def run_federated(
         precision: passed to Lightning Fabric (bf16-mixed on CUDA by default).
         on_round_end: called with each round's record after its checkpoint is written.
         dp_sgd: sample-level DP-SGD for local training (:class:`~privfl.defenses.dpsgd.DPSGD`, via
-            opacus) instead of plain SGD. The model is converted with
-            :func:`~privfl.models.dp_compat.make_private_compatible` first when it needs it
-            (BatchNorm → GroupNorm, …); ``result.model`` is the converted model. Each client's
-            DP-SGD privacy (a :class:`~privfl.defenses.accounting.PrivacyAccountant` state) is
-            checkpointed and its ε reported per round.
+            opacus) instead of plain SGD: shorthand for ``trainer=DPSGDTrainer(dp_sgd)``. The model is
+            converted with :func:`~privfl.models.dp_compat.make_private_compatible` first when it
+            needs it (BatchNorm → GroupNorm, …); ``result.model`` is the converted model. Each
+            client's DP-SGD privacy (a :class:`~privfl.defenses.accounting.PrivacyAccountant` state)
+            is checkpointed and its ε reported per round.
+        trainer: how each client trains locally (a :class:`~privfl.models.training.LocalTrainer`);
+            default :class:`~privfl.fl.client.SGDTrainer` (plain SGD), or the DP-SGD trainer above.
+            Its state is checkpointed under ``trainer.name``.
 
-    Each history record has ``round``, ``sampled``, ``train_loss`` (sample-weighted mean),
-    ``client_loss``, ``update_norm`` (L2 of the aggregated update; keys kept local are absent), ``privacy`` (``epsilon``, ``delta``,
-    ``accountant`` so far, or ``None`` without an accountant), ``sample_privacy`` (with ``dp_sgd``:
-    ``epsilon`` = the largest client ε, ``delta`` it holds at, ``accountant`` that gave it, ``per_client`` ε), ``defense_report`` (stages'
-    ``last_report``, e.g. CKKS / secure-aggregation bytes per client and error), ``val`` (per client metrics),
-    ``test`` (pooled metrics, or ``None``) and ``seconds``.
+    Each history record has ``round``, ``sampled``, ``train_loss`` (sample-weighted mean), ``client_loss``,
+    ``update_norm`` (L2 of the aggregated update; keys kept local are absent), ``privacy`` (``epsilon``,
+    ``delta``, ``accountant`` so far, or ``None`` without an accountant), ``sample_privacy`` (with ``dp_sgd``:
+    ``epsilon`` = the largest client ε, ``delta`` it holds at, ``accountant`` that gave it, ``per_client`` ε),
+    ``defense_report`` (stages' ``last_report``, e.g. CKKS / secure-aggregation bytes per client and error),
+    ``val`` (per client metrics), ``test`` (pooled metrics, or ``None``) and ``seconds``.
     """
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
@@ -189,31 +175,37 @@ def run_federated(
         augment = factory() if callable(factory) else None
     elif isinstance(augment, str):
         raise ValueError(f"augment must be a callable, None or 'default', got {augment!r}")
-    if dp_sgd is not None:
-        from privfl.models.dp_compat import check_private_compatible, make_private_compatible
-
-        if check_private_compatible(model.train()):
-            model = make_private_compatible(model)
+    if dp_sgd is not None and trainer is not None:
+        raise ValueError("give dp_sgd or trainer, not both (dp_sgd=... is trainer=DPSGDTrainer(...))")
+    local: LocalTrainer = trainer or (DPSGDTrainer(dp_sgd) if dp_sgd is not None else SGDTrainer())
+    model = local.prepare(model)
     fabric = make_fabric(accelerator, precision)
     model = prepare_model(model, fabric)
     splits = _split_clients(client_datasets, val_fraction, seed)
     clients = [Client(cid, tr, config, loss_fn, augment) for cid, (tr, _) in enumerate(splits)]
     server = Server(trainable_state(model), defense, len(clients), fraction, seed)
-    fingerprint = {"rounds": rounds, "seed": seed, "num_clients": len(clients), "fraction": fraction,
-                   "sizes": [c.num_samples for c in clients], "keys": sorted(server.global_state)}
+    fingerprint = {
+        "rounds": rounds,
+        "seed": seed,
+        "num_clients": len(clients),
+        "fraction": fraction,
+        "sizes": [c.num_samples for c in clients],
+        "keys": sorted(server.global_state),
+    }
 
     history: list[dict[str, Any]] = []
-    dp_states: dict[int, dict[str, Any]] = {}  # DP-SGD: each client's PrivacyAccountant.state_dict()
     start = 0
     if resume:
         ckpt = load_checkpoint(checkpoint_dir)  # type: ignore[arg-type]
         if ckpt is not None:
             if ckpt["fingerprint"] != fingerprint:
-                raise CheckpointMismatchError(f"checkpoint in {checkpoint_dir} was written by a different run configuration")
+                raise CheckpointMismatchError(
+                    f"checkpoint in {checkpoint_dir} was written by a different run configuration"
+                )
             server.global_state = ckpt["global_state"]
             history = ckpt["history"]
             defense.load_state_dict(ckpt["defense"])
-            dp_states = {int(c): state for c, state in ckpt.get("dp_sgd", {}).items()}
+            local.load_state_dict(ckpt.get(local.name, {}))
             start = ckpt["round"] + 1
 
     with progress_bar(progress, status="{task.fields[info]}") as bar:
@@ -228,11 +220,20 @@ def run_federated(
             bar.reset(t_clients, total=len(sampled))
             for cid in sampled:
                 start_state = defense.personalize(server.global_state, ctx.for_client(cid))
-                if dp_sgd is None:
-                    delta, losses[cid] = clients[cid].fit(model, start_state, r, rounds, fabric, seed)
-                else:
-                    delta, losses[cid] = _fit_dp_sgd(clients[cid], model, start_state, dp_sgd, r, rounds, seed,
-                                                     fabric, dp_states)
+                client = clients[cid]
+                delta, losses[cid] = local.fit(
+                    model,
+                    client.train_data,
+                    start_state,
+                    client.config,
+                    loss_fn=client.loss_fn,
+                    augment=client.augment,
+                    round_idx=r,
+                    total_rounds=rounds,
+                    seed=seed,
+                    client_id=cid,
+                    fabric=fabric,
+                )
                 payloads.append(defense.protect(delta, ctx.for_client(cid)))
                 del delta  # the defense has seen it: the loop never touches it again
                 bar.advance(t_clients)
@@ -246,7 +247,11 @@ def run_federated(
                     load_state(model, defense.personalize(server.global_state, ctx.for_client(cid)))
                     val[cid] = evaluate(model, val_data, num_classes, fabric, eval_batch_size).to_dict()
             load_state(model, server.global_state)
-            test = evaluate(model, test_data, num_classes, fabric, eval_batch_size).to_dict() if test_data else None
+            test = (
+                evaluate(model, test_data, num_classes, fabric, eval_batch_size).to_dict()
+                if test_data
+                else None
+            )
             record = {
                 "round": r,
                 "sampled": list(sampled),
@@ -254,7 +259,7 @@ def run_federated(
                 "client_loss": {str(c): losses[c] for c in sampled},
                 "update_norm": global_l2_norm(mean_update),
                 "privacy": _privacy_record(defense),
-                "sample_privacy": _sample_privacy_record(dp_sgd, dp_states),
+                "sample_privacy": local.privacy_record(),
                 "defense_report": _defense_reports(defense),
                 "val": {str(c): v for c, v in val.items()},
                 "test": test,
@@ -262,9 +267,17 @@ def run_federated(
             }
             history.append(record)
             if checkpoint_dir is not None:
-                save_checkpoint(checkpoint_dir, {"round": r, "global_state": server.global_state, "history": history,
-                                                 "defense": defense.state_dict(), "fingerprint": fingerprint,
-                                                 "dp_sgd": {str(c): h for c, h in dp_states.items()}})
+                save_checkpoint(
+                    checkpoint_dir,
+                    {
+                        "round": r,
+                        "global_state": server.global_state,
+                        "history": history,
+                        "defense": defense.state_dict(),
+                        "fingerprint": fingerprint,
+                        local.name: local.state_dict(),
+                    },
+                )
             dice = f"test Dice {test['dice']:.3f}" if test else ""
             bar.update(t_rounds, advance=1, info=f"loss {record['train_loss']:.3f} {dice}")
             if on_round_end is not None:

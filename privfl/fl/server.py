@@ -17,7 +17,9 @@ class Server:
     Aggregation weights are proportional to the sampled clients' training-set sizes (FedAvg).
     """
 
-    def __init__(self, global_state: Update, defense: Defense, num_clients: int, fraction: float = 1.0, seed: int = 0):
+    def __init__(
+        self, global_state: Update, defense: Defense, num_clients: int, fraction: float = 1.0, seed: int = 0
+    ):
         if not 0 < fraction <= 1:
             raise ValueError(f"fraction must be in (0, 1], got {fraction}")
         if num_clients < 1:

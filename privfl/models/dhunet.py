@@ -1,6 +1,6 @@
 """DHU-Net: dual-branch hierarchical global-local fusion network (the FedDP paper's model).
 
-Architecture as measured from the public DHUnet reference implementation (see DESIGN.md):
+Architecture as measured from the public DHUnet reference implementation:
 
 - global branch: timm Swin Transformer (patch 4, C=96, depths 2,2,2,2, heads 3,6,12,24, window 7,
   mlp ratio 4, drop path 0.2, no absolute position embedding, no final norm);
@@ -30,6 +30,7 @@ from timm.models.convnext import ConvNeXt
 from timm.models.swin_transformer import SwinTransformer
 from torch import nn
 
+from privfl.data.augment import dhunet_augment
 from privfl.models.losses import DHUNetLoss
 from privfl.models.registry import register_model
 
@@ -68,7 +69,8 @@ class CrossScaleExpand(nn.Module):
         super().__init__()
         self.norm = nn.BatchNorm2d(dim)
         self.branches = nn.ModuleList(
-            nn.ConvTranspose2d(dim, c, k, stride=factor, padding=(k - factor) // 2) for k, c in zip(kernels, channels)
+            nn.ConvTranspose2d(dim, c, k, stride=factor, padding=(k - factor) // 2)
+            for k, c in zip(kernels, channels)
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -82,10 +84,14 @@ class GLFusion(nn.Module):
     def __init__(self, dim: int, with_previous: bool, expand: CrossScaleExpand):
         super().__init__()
         cin = 2 * dim if with_previous else dim
-        self.conv = nn.Sequential(nn.Conv2d(cin, dim, 3, padding=1, bias=False), nn.BatchNorm2d(dim), nn.ReLU(inplace=True))
+        self.conv = nn.Sequential(
+            nn.Conv2d(cin, dim, 3, padding=1, bias=False), nn.BatchNorm2d(dim), nn.ReLU(inplace=True)
+        )
         self.expand = expand
 
-    def forward(self, g: torch.Tensor, local: torch.Tensor, previous: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, g: torch.Tensor, local: torch.Tensor, previous: torch.Tensor | None = None
+    ) -> torch.Tensor:
         x = g + local
         if previous is not None:
             x = torch.cat([x, previous], dim=1)
@@ -100,22 +106,40 @@ class DHUNet(nn.Module):
     upsampled to ``(B, num_classes, H, W)``; :class:`DHUNetLoss` combines them.
     """
 
-    def __init__(self, num_classes: int = 4, img_size: int = 224, config: DHUNetConfig = PAPER, in_chans: int = 3):
+    def __init__(
+        self, num_classes: int = 4, img_size: int = 224, config: DHUNetConfig = PAPER, in_chans: int = 3
+    ):
         super().__init__()
         if img_size % 32 or img_size < 32:
-            raise ValueError(f"DHU-Net needs an input size that is a multiple of 32 (patch 4 × 3 merges), got {img_size}")
+            raise ValueError(
+                f"DHU-Net needs an input size that is a multiple of 32 (patch 4 × 3 merges), got {img_size}"
+            )
         self.img_size = img_size
         self.config = config
         c1, c2, c3, c4 = config.dims
         self.global_branch = timm.create_model(
-            "swin_tiny_patch4_window7_224", pretrained=False, num_classes=0, img_size=img_size, in_chans=in_chans,
-            embed_dim=config.embed_dim, depths=config.swin_depths, num_heads=config.swin_heads,
-            window_size=config.window_size, mlp_ratio=4.0, drop_path_rate=config.swin_drop_path,
+            "swin_tiny_patch4_window7_224",
+            pretrained=False,
+            num_classes=0,
+            img_size=img_size,
+            in_chans=in_chans,
+            embed_dim=config.embed_dim,
+            depths=config.swin_depths,
+            num_heads=config.swin_heads,
+            window_size=config.window_size,
+            mlp_ratio=4.0,
+            drop_path_rate=config.swin_drop_path,
         )
         self.global_branch.norm = nn.Identity()  # no final norm: the decoder reads un-normalised stage maps
         self.local_branch = timm.create_model(
-            "convnext_tiny", pretrained=False, num_classes=0, in_chans=in_chans, dims=config.dims,
-            depths=config.convnext_depths, drop_path_rate=config.convnext_drop_path, ls_init_value=config.layer_scale,
+            "convnext_tiny",
+            pretrained=False,
+            num_classes=0,
+            in_chans=in_chans,
+            dims=config.dims,
+            depths=config.convnext_depths,
+            drop_path_rate=config.convnext_drop_path,
+            ls_init_value=config.layer_scale,
         )
         self.local_branch.head = nn.Identity()
         self.local_branch.norm_pre = nn.Identity()
@@ -126,7 +150,9 @@ class DHUNet(nn.Module):
         self.fuse4 = GLFusion(c4, False, x2(c4))  # 8C@1/32 → 4C@1/16
         self.fuse3 = GLFusion(c3, True, x2(c3))  # → 2C@1/8
         self.fuse2 = GLFusion(c2, True, x2(c2))  # → C@1/4
-        self.fuse1 = GLFusion(c1, True, CrossScaleExpand(c1, 4, (4, 8, 16, 32), (c1 // 2, c1 // 4, c1 // 8, c1 // 8)))
+        self.fuse1 = GLFusion(
+            c1, True, CrossScaleExpand(c1, 4, (4, 8, 16, 32), (c1 // 2, c1 // 4, c1 // 8, c1 // 8))
+        )
         self.head = nn.Conv2d(c1, num_classes, 1)
         self.deep_heads = nn.ModuleList(nn.Conv2d(c, num_classes, 3, padding=1) for c in (c1, c2, c3))
 
@@ -138,8 +164,6 @@ class DHUNet(nn.Module):
     @staticmethod
     def default_augment():
         """The DHUnet recipe's joint augmentation (flips, ±90° rotations, HSV jitter on the image)."""
-        from privfl.data.augment import dhunet_augment
-
         return dhunet_augment()
 
     def encode(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -153,8 +177,8 @@ class DHUNet(nn.Module):
     def forward(self, x: torch.Tensor):
         if x.ndim != 4 or tuple(x.shape[-2:]) != (self.img_size, self.img_size):
             raise ValueError(
-                f"this DHU-Net was built for (B, 3, {self.img_size}, {self.img_size}) inputs, got {tuple(x.shape)}; "
-                f"build it with img_size=<a multiple of 32> to match your data"
+                f"this DHU-Net was built for (B, 3, {self.img_size}, {self.img_size}) inputs, got "
+                f"{tuple(x.shape)}; build it with img_size=<a multiple of 32> to match your data"
             )
         size = x.shape[-2:]
         g, loc = self.encode(x)

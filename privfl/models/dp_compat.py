@@ -293,7 +293,9 @@ def _conv_transpose2d_grad_sample(
     ret = {}
     if layer.weight.requires_grad:
         cols = nn.functional.unfold(
-            backprops, layer.kernel_size, dilation=layer.dilation,
+            backprops,
+            layer.kernel_size,
+            dilation=layer.dilation,
             padding=cast(tuple[int, ...], layer.padding),  # never a string for ConvTranspose2d
             stride=layer.stride,
         )  # (n, C_out·kh·kw, L) with L = the input's H·W

@@ -8,9 +8,16 @@ the gradients attributed to the others). The per-sample variants compute each im
 that image alone and return their mean over the batch, ``(1/B) Σ_i ℓ_i`` — exactly the
 ``loss_reduction="mean"`` form that opacus' per-sample gradients assume. An empty batch (Poisson
 sampling can draw one) gives a zero loss that is still connected to the graph.
+
+:class:`CEDiceLoss` and :class:`DHUNetLoss` also have a **soft-target** form (``loss.soft``, or
+:func:`soft_segmentation_loss`): the same loss against a target of class probabilities
+``(B, C, H, W)`` instead of class indices, equal to the loss itself on one-hot targets. Gradient
+inversion uses it to optimise mask logits jointly with the images.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +54,29 @@ def soft_dice_loss(
     return 1 - dice.mean()
 
 
+def _soft_ce_dice(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    ce_weight: float,
+    dice_weight: float,
+    per_sample: bool,
+    eps: float = 1e-5,
+) -> torch.Tensor:
+    """``ce_weight · CE + dice_weight · soft Dice`` against a *soft* target ``(B, C, H, W)`` of class
+    probabilities; equal to :class:`CEDiceLoss` when the target is one-hot."""
+    logits = logits.float()
+    logp = logits.log_softmax(dim=1)
+    ce_map = -(target * logp).sum(dim=1)  # (B, H, W)
+    ce = ce_map.flatten(1).mean(dim=1).mean() if per_sample else ce_map.mean()
+    probs = logp.exp()
+    dims = (2, 3) if per_sample else (0, 2, 3)
+    inter = (probs * target).sum(dims)
+    denom = probs.pow(2).sum(dims) + target.sum(dims)
+    dice = (2 * inter + eps) / (denom + eps)
+    dice_loss = (1 - dice.mean(dim=1)).mean() if per_sample else 1 - dice.mean()
+    return ce_weight * ce + dice_weight * dice_loss
+
+
 class CEDiceLoss(nn.Module):
     """``ce_weight · CE + dice_weight · soft Dice`` on one logit map (defaults 0.5 / 0.5).
 
@@ -66,7 +96,14 @@ class CEDiceLoss(nn.Module):
             ce = _batch_mean(F.cross_entropy(logits.float(), target, reduction="none").flatten(1).mean(dim=1))
         else:
             ce = F.cross_entropy(logits.float(), target)
-        return self.ce_weight * ce + self.dice_weight * soft_dice_loss(logits, target, per_sample=self.per_sample)
+        return self.ce_weight * ce + self.dice_weight * soft_dice_loss(
+            logits, target, per_sample=self.per_sample
+        )
+
+    def soft(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The same loss against a soft ``target`` ``(B, C, H, W)`` of class probabilities (equal to
+        the loss on one-hot targets)."""
+        return _soft_ce_dice(logits, target, self.ce_weight, self.dice_weight, self.per_sample)
 
     def per_sample_version(self) -> CEDiceLoss:
         """A copy with the same weights and ``per_sample=True``."""
@@ -93,16 +130,27 @@ class DHUNetLoss(nn.Module):
         self.per_output = CEDiceLoss(0.5, 0.5, per_sample=per_sample)
 
     def forward(self, output, target: torch.Tensor) -> torch.Tensor:
+        return self._combine(output, target, self.per_output)
+
+    def soft(self, output, target: torch.Tensor) -> torch.Tensor:
+        """The same loss against a soft ``target`` ``(B, C, H, W)`` of class probabilities (equal to
+        the loss on one-hot targets)."""
+        return self._combine(output, target, self.per_output.soft)
+
+    def _combine(
+        self, output, target: torch.Tensor, score: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    ) -> torch.Tensor:
+        """The deep-supervision weighting of ``score`` applied to each output."""
         if isinstance(output, torch.Tensor):
-            return self.per_output(output, target)
+            return score(output, target)
         logits, deep = output
         w_final, w_first, w_rest = self.weights
-        loss = w_final * self.per_output(logits, target)
+        loss = w_final * score(logits, target)
         if deep:
-            loss = loss + w_first * self.per_output(deep[0], target)
+            loss = loss + w_first * score(deep[0], target)
             rest = deep[1:]
             if rest:
-                loss = loss + w_rest * sum(self.per_output(d, target) for d in rest) / len(rest)
+                loss = loss + w_rest * sum(score(d, target) for d in rest) / len(rest)
         return loss
 
     def per_sample_version(self) -> DHUNetLoss:
@@ -125,13 +173,42 @@ def per_sample_loss(loss_fn: nn.Module) -> nn.Module:
     if callable(make):
         return make()
     raise TypeError(
-        f"no per-sample variant known for {type(loss_fn).__name__}: DP-SGD needs a loss that is the batch mean "
-        "of per-sample terms; use CEDiceLoss / DHUNetLoss, or give your loss `per_sample = True` (if it already "
-        "is such a mean) or a `per_sample_version()` method"
+        f"no per-sample variant known for {type(loss_fn).__name__}: DP-SGD needs a loss that is the batch "
+        "mean of per-sample terms; use CEDiceLoss / DHUNetLoss, or give your loss `per_sample = True` (if it "
+        "already is such a mean) or a `per_sample_version()` method"
+    )
+
+
+def soft_segmentation_loss(
+    loss_fn: nn.Module | Callable[[object, torch.Tensor], torch.Tensor],
+) -> Callable[[object, torch.Tensor], torch.Tensor]:
+    """The soft-target version of a privfl segmentation loss, for jointly optimised masks.
+
+    ``loss_fn`` must be a :class:`CEDiceLoss` or :class:`DHUNetLoss`; the returned function takes the
+    model output (a :class:`CEDiceLoss` scores the final logits of a ``(logits, deep outputs)``
+    tuple) and a target of class probabilities ``(B, C, H, W)``, and equals ``loss_fn`` on one-hot
+    targets.
+
+    Raises:
+        TypeError: any other loss (it has no soft-target form).
+    """
+    if isinstance(loss_fn, DHUNetLoss):
+        return loss_fn.soft
+    if isinstance(loss_fn, CEDiceLoss):
+
+        def ce_dice_soft(output, target: torch.Tensor) -> torch.Tensor:
+            logits = output[0] if isinstance(output, (tuple, list)) else output
+            return loss_fn.soft(logits, target)
+
+        return ce_dice_soft
+    raise TypeError(
+        f"masks='joint' needs a loss with a soft-target form (CEDiceLoss or DHUNetLoss), "
+        f"got {type(loss_fn).__name__}; use masks='known' with a custom loss"
     )
 
 
 def default_loss(model: nn.Module) -> nn.Module:
-    """The loss a model trains with by default: its own ``default_loss()`` if it defines one, else CE + Dice."""
+    """The loss a model trains with by default: its own ``default_loss()`` if it defines one, else
+    CE + Dice."""
     factory = getattr(model, "default_loss", None)
     return factory() if callable(factory) else CEDiceLoss()

@@ -1,6 +1,6 @@
 """Linear classifiers on embeddings: local, federated (FedAvg / FedProx) and λ-mixtures of the two.
 
-The downstream evaluation of Di Salvo et al. (MICCAI 2025, issue 10): each client trains a linear
+The downstream evaluation of Di Salvo et al. (MICCAI 2025; docs/dpcvae.md): each client trains a linear
 classifier on its local real embeddings and one on the global synthetic embeddings (Adam,
 lr 1e-3, 100 epochs), and predicts with ``λ·P_local + (1 − λ)·P_global``, λ in {0, 0.1, …, 1}
 chosen on validation data. The baselines federate the linear classifier itself (FedAvg, FedProx,
@@ -22,6 +22,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from privfl.fl.rounds import fedavg_round, weighted_sum
 
 __all__ = [
     "DEFAULT_LAMBDAS",
@@ -125,11 +127,12 @@ def train_linear(
     for _ in range(epochs):
         order = torch.randperm(n, generator=gen)
         for start in range(0, n, batch_size):
-            idx = order[start:start + batch_size]
+            idx = order[start : start + batch_size]
             loss = F.cross_entropy(model(x[idx]), y[idx])
             if center is not None:
                 loss = loss + 0.5 * prox_mu * (
-                    (model.weight - center["weight"]).pow(2).sum() + (model.bias - center["bias"]).pow(2).sum()
+                    (model.weight - center["weight"]).pow(2).sum()
+                    + (model.bias - center["bias"]).pow(2).sum()
                 )
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -184,7 +187,9 @@ def mix(p_local: torch.Tensor, p_global: torch.Tensor, lam: float) -> torch.Tens
     if not 0.0 <= lam <= 1.0:
         raise ValueError(f"lambda must lie in [0, 1], got {lam}")
     if p_local.shape != p_global.shape:
-        raise ValueError(f"p_local {tuple(p_local.shape)} and p_global {tuple(p_global.shape)} differ in shape")
+        raise ValueError(
+            f"p_local {tuple(p_local.shape)} and p_global {tuple(p_global.shape)} differ in shape"
+        )
     return lam * p_local + (1.0 - lam) * p_global
 
 
@@ -248,17 +253,32 @@ def federated_linear(
     dims = {x.shape[1] for x, _ in data}
     if len(dims) != 1:
         raise ValueError(f"clients' embeddings differ in dimension: {sorted(dims)}")
-    sizes = np.array([x.shape[0] for x, _ in data], dtype=np.float64)
-    weights = sizes / sizes.sum()
+    sizes = [int(x.shape[0]) for x, _ in data]
     model = _init_linear(dims.pop(), num_classes, torch.Generator().manual_seed(int(seed)))
+
+    def local_update(center: Mapping[str, torch.Tensor], client: tuple[int, int]) -> dict[str, torch.Tensor]:
+        r, k = client
+        x, y = data[k]
+        # a raw SeedSequence word, not privfl.seeding.derive_seed: that would change every client's shuffles
+        client_seed = int(np.random.SeedSequence([int(seed), r, k]).generate_state(1)[0])
+        local = train_linear(
+            x,
+            y,
+            num_classes,
+            epochs=local_epochs,
+            lr=lr,
+            batch_size=batch_size,
+            seed=client_seed,
+            init=model,
+            prox_mu=mu,
+            prox_center=center,
+        )
+        return _state(local)
+
     for r in range(rounds):
-        center = _state(model)
-        states = []
-        for k, (x, y) in enumerate(data):
-            client_seed = int(np.random.SeedSequence([int(seed), r, k]).generate_state(1)[0])
-            local = train_linear(x, y, num_classes, epochs=local_epochs, lr=lr, batch_size=batch_size,
-                                 seed=client_seed, init=model, prox_mu=mu, prox_center=center)
-            states.append(_state(local))
-        new = {key: sum(float(w) * s[key] for w, s in zip(weights, states)) for key in center}
+        # weighted_sum, not updates.weighted_mean: the float32 sum Σ w_k·θ_k this has always computed
+        new = fedavg_round(
+            _state(model), [(r, k) for k in range(len(data))], local_update, sizes, average=weighted_sum
+        )
         model.load_state_dict(new)
     return model.eval()

@@ -1,4 +1,4 @@
-"""A conditional VAE on embeddings (Di Salvo, Nguyen, Ledig, MICCAI 2025; issue 10).
+"""A conditional VAE on embeddings (Di Salvo, Nguyen, Ledig, MICCAI 2025; docs/dpcvae.md).
 
 :class:`CVAE` models ``p(x | y)`` for an embedding ``x`` and its class ``y``: an encoder
 ``q(z | x, y)`` and a decoder ``p(x | z, y)``, three linear layers each, conditioned by
@@ -22,8 +22,9 @@ __all__ = ["CVAE"]
 
 
 def _mlp(inp: int, hidden: int, out: int) -> nn.Sequential:
-    return nn.Sequential(nn.Linear(inp, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
-                         nn.Linear(hidden, out))
+    return nn.Sequential(
+        nn.Linear(inp, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, out)
+    )
 
 
 class CVAE(nn.Module):
@@ -44,10 +45,20 @@ class CVAE(nn.Module):
 
     def __init__(self, dim: int, num_classes: int, *, latent: int = 16, hidden: int = 128) -> None:
         super().__init__()
-        for name, value in (("dim", dim), ("num_classes", num_classes), ("latent", latent), ("hidden", hidden)):
+        for name, value in (
+            ("dim", dim),
+            ("num_classes", num_classes),
+            ("latent", latent),
+            ("hidden", hidden),
+        ):
             if int(value) != value or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        self.dim, self.num_classes, self.latent, self.hidden = int(dim), int(num_classes), int(latent), int(hidden)
+        self.dim, self.num_classes, self.latent, self.hidden = (
+            int(dim),
+            int(num_classes),
+            int(latent),
+            int(hidden),
+        )
         self.encoder = _mlp(self.dim + self.num_classes, self.hidden, 2 * self.latent)
         self.decoder = _mlp(self.latent + self.num_classes, self.hidden, self.dim)
 
@@ -57,7 +68,7 @@ class CVAE(nn.Module):
     def encode(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         """``(μ, log σ²)`` of ``q(z | x, y)``, each ``(B, latent)``."""
         h = self.encoder(torch.cat([x, self._onehot(y, x)], dim=1))
-        return h[:, : self.latent], h[:, self.latent:]
+        return h[:, : self.latent], h[:, self.latent :]
 
     def decode(self, z: Tensor, y: Tensor) -> Tensor:
         """The reconstruction / sample ``x̂`` of shape ``(B, dim)`` for latents ``z`` ``(B, latent)``."""
@@ -93,6 +104,8 @@ class CVAE(nn.Module):
         expected = {k for k in self.state_dict() if k.startswith("decoder.")}
         given = set(state)
         if given != expected:
-            raise ValueError(f"decoder state keys differ: unexpected {sorted(given - expected)}, "
-                             f"missing {sorted(expected - given)}")
-        self.decoder.load_state_dict({k[len("decoder."):]: v for k, v in state.items()})
+            raise ValueError(
+                f"decoder state keys differ: unexpected {sorted(given - expected)}, "
+                f"missing {sorted(expected - given)}"
+            )
+        self.decoder.load_state_dict({k[len("decoder.") :]: v for k, v in state.items()})

@@ -111,14 +111,18 @@ class DPTrainResult:
 
     @property
     def event(self) -> dp_accounting.DpEvent:
-        """This call's dp-accounting event (:func:`~privfl.defenses.dpsgd.dpsgd_event` of ``(z, q, steps)``)."""
+        """This call's dp-accounting event (:func:`~privfl.defenses.dpsgd.dpsgd_event` of
+        ``(z, q, steps)``)."""
         return dpsgd_event(self.noise_multiplier, self.sample_rate, self.steps)
 
 
-def _check_inputs(x: Tensor, y: Tensor, epochs: int, total_epochs: int, lr: float, batch_size: int,
-                  optimizer: str) -> None:
+def _check_inputs(
+    x: Tensor, y: Tensor, epochs: int, total_epochs: int, lr: float, batch_size: int, optimizer: str
+) -> None:
     if x.ndim < 1 or y.ndim != 1 or x.shape[0] != y.shape[0]:
-        raise ValueError(f"need x of shape (n, ...) and y of shape (n,), got {tuple(x.shape)} and {tuple(y.shape)}")
+        raise ValueError(
+            f"need x of shape (n, ...) and y of shape (n,), got {tuple(x.shape)} and {tuple(y.shape)}"
+        )
     if x.shape[0] == 0:
         raise ValueError("no training samples")
     if int(epochs) != epochs or epochs < 1:
@@ -202,9 +206,11 @@ def train_dp(
     sample_rate = loader.batch_sampler.sample_rate  # type: ignore[union-attr]  # = 1 / per_epoch
     steps = epochs * per_epoch
     z = dp.resolve_noise_multiplier(sample_rate, total * per_epoch)
-    base = (torch.optim.SGD(trained, lr=lr) if optimizer == "sgd" else torch.optim.Adam(trained, lr=lr))
+    base = torch.optim.SGD(trained, lr=lr) if optimizer == "sgd" else torch.optim.Adam(trained, lr=lr)
 
-    fork_devices = [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else []
+    fork_devices = (
+        [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else []
+    )
     loss_sum, seen = 0.0, 0
     for p in frozen:
         p.requires_grad_(False)
@@ -212,7 +218,9 @@ def train_dp(
     try:
         with warnings.catch_warnings(), torch.random.fork_rng(devices=fork_devices):
             torch.manual_seed(derive_seed(seed, "train_dp-torch"))
-            engine, gsm, dp_optimizer, dp_loader = make_private(model, base, loader, z, dp, ("train_dp", seed))
+            engine, gsm, dp_optimizer, dp_loader = make_private(
+                model, base, loader, z, dp, ("train_dp", seed)
+            )
             event = dpsgd_event(z, sample_rate, steps)
             floor = round_delta_floor(dp.noise, dp_optimizer.params, steps)
             try:
@@ -223,8 +231,10 @@ def train_dp(
                         dp_optimizer.zero_grad(set_to_none=True)
                         losses = loss_fn(model, xb, yb)
                         if losses.shape != (xb.shape[0],):
-                            raise ValueError(f"loss_fn must return per-sample losses of shape ({xb.shape[0]},), "
-                                             f"got {tuple(losses.shape)}")
+                            raise ValueError(
+                                f"loss_fn must return per-sample losses of shape ({xb.shape[0]},), "
+                                f"got {tuple(losses.shape)}"
+                            )
                         # opacus' "mean" reduction: the batch mean (an empty batch contributes nothing)
                         loss = losses.mean() if xb.shape[0] else losses.sum()
                         if not torch.isfinite(loss):

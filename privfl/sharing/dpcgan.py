@@ -54,29 +54,28 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from privfl.defenses.accounting import EpsilonReport
 from privfl.defenses.dpsgd import DPSGD
 from privfl.seeding import derive_seed
 from privfl.sharing.dp_training import OPTIMIZERS, DPTrainResult, train_dp
-from privfl.sharing.dpcvae import (
+from privfl.sharing.federated_generator import (
     FederatedDPConfig,
     FederatedDPResult,
-    _check_clients,
-    _check_schedule,
-    _class_probs,
-    _labels_and_noise,
-    _param_count,
-    _privacy_fields,
-    _progress,
-    _seeded,
-    _size_weighted,
+    check_clients,
+    check_schedule,
+    param_count,
+    privacy_fields,
+    sample_embeddings,
+    seeded_init,
+    size_weighted_mean,
+    train_rounds,
 )
 
 __all__ = ["CGAN", "DPCGANConfig", "DPCGANResult", "sample", "train_federated_dpcgan"]
 
 
 class CGAN(nn.Module):
-    """Conditional GAN on embeddings: ``generator(z ‖ onehot(y)) → x``, ``discriminator(x ‖ onehot(y)) → logit``.
+    """Conditional GAN on embeddings: ``generator(z ‖ onehot(y)) → x``,
+    ``discriminator(x ‖ onehot(y)) → logit``.
 
     Args:
         dim: embedding dimension.
@@ -87,21 +86,29 @@ class CGAN(nn.Module):
 
     def __init__(self, dim: int, num_classes: int, *, noise_dim: int = 16, hidden: int = 128) -> None:
         super().__init__()
-        for name, value in (("dim", dim), ("num_classes", num_classes), ("noise_dim", noise_dim),
-                            ("hidden", hidden)):
+        for name, value in (
+            ("dim", dim),
+            ("num_classes", num_classes),
+            ("noise_dim", noise_dim),
+            ("hidden", hidden),
+        ):
             if int(value) != value or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         self.dim, self.num_classes = int(dim), int(num_classes)
         self.noise_dim, self.hidden = int(noise_dim), int(hidden)
         h, c = self.hidden, self.num_classes
         self.generator = nn.Sequential(
-            nn.Linear(self.noise_dim + c, h), nn.LeakyReLU(0.2),
-            nn.Linear(h, 2 * h), nn.LeakyReLU(0.2),
+            nn.Linear(self.noise_dim + c, h),
+            nn.LeakyReLU(0.2),
+            nn.Linear(h, 2 * h),
+            nn.LeakyReLU(0.2),
             nn.Linear(2 * h, self.dim),
         )
         self.discriminator = nn.Sequential(
-            nn.Linear(self.dim + c, 2 * h), nn.LeakyReLU(0.2),
-            nn.Linear(2 * h, h), nn.LeakyReLU(0.2),
+            nn.Linear(self.dim + c, 2 * h),
+            nn.LeakyReLU(0.2),
+            nn.Linear(2 * h, h),
+            nn.LeakyReLU(0.2),
             nn.Linear(h, 1),
         )
 
@@ -129,17 +136,19 @@ class CGAN(nn.Module):
         expected = {k for k in self.state_dict() if k.startswith("generator.")}
         given = set(state)
         if given != expected:
-            raise ValueError(f"generator state keys differ: unexpected {sorted(given - expected)}, "
-                             f"missing {sorted(expected - given)}")
-        self.generator.load_state_dict({k[len("generator."):]: v for k, v in state.items()})
+            raise ValueError(
+                f"generator state keys differ: unexpected {sorted(given - expected)}, "
+                f"missing {sorted(expected - given)}"
+            )
+        self.generator.load_state_dict({k[len("generator.") :]: v for k, v in state.items()})
 
 
 @dataclass
 class DPCGANConfig(FederatedDPConfig):
     """Settings of :func:`train_federated_dpcgan`: those of
-    :class:`~privfl.sharing.dpcvae.FederatedDPConfig` (ε is each client's target over the whole run,
-    clipping over the discriminator's parameters; ``latent`` is the generator's noise dimension
-    unless ``noise_dim`` is given; ``lr`` for both networks), plus:
+    :class:`~privfl.sharing.federated_generator.FederatedDPConfig` (ε is each client's target over the whole
+    run, clipping over the discriminator's parameters; ``latent`` is the generator's noise dimension unless
+    ``noise_dim`` is given; ``lr`` for both networks), plus:
 
     Attributes:
         noise_dim: generator input dimension (default ``latent``).
@@ -158,8 +167,8 @@ class DPCGANConfig(FederatedDPConfig):
 @dataclass(kw_only=True)
 class DPCGANResult(FederatedDPResult):
     """What :func:`train_federated_dpcgan` returns: the fields of
-    :class:`~privfl.sharing.dpcvae.FederatedDPResult` (``losses``: the discriminator's mean training
-    loss; ``param_count``: ``{"generator", "discriminator", "total"}``), plus:
+    :class:`~privfl.sharing.federated_generator.FederatedDPResult` (``losses``: the discriminator's mean
+    training loss; ``param_count``: ``{"generator", "discriminator", "total"}``), plus:
 
     Attributes:
         global_generator: the final global generator state (``generator.*`` keys).
@@ -171,8 +180,13 @@ class DPCGANResult(FederatedDPResult):
     model: CGAN
 
 
-def train_federated_dpcgan(clients: Sequence[tuple[Tensor, Tensor]], num_classes: int, config: DPCGANConfig, *,
-                           progress: bool = False) -> DPCGANResult:
+def train_federated_dpcgan(
+    clients: Sequence[tuple[Tensor, Tensor]],
+    num_classes: int,
+    config: DPCGANConfig,
+    *,
+    progress: bool = False,
+) -> DPCGANResult:
     """Train the federated DP-CGAN (module docstring) and return the global generator and each client's ε.
 
     Args:
@@ -181,8 +195,8 @@ def train_federated_dpcgan(clients: Sequence[tuple[Tensor, Tensor]], num_classes
         config: sizes, schedule and DP settings.
         progress: show a rich progress bar.
     """
-    dim = _check_clients(clients, num_classes)
-    _check_schedule(config.rounds, config.local_epochs)
+    dim = check_clients(clients, num_classes)
+    check_schedule(config.rounds, config.local_epochs)
     if config.optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {config.optimizer!r}")
     dp = config.dpsgd()
@@ -193,49 +207,75 @@ def train_federated_dpcgan(clients: Sequence[tuple[Tensor, Tensor]], num_classes
     def new_model() -> CGAN:
         return CGAN(dim, num_classes, noise_dim=nz, hidden=config.hidden).to(device)
 
-    global_generator = _seeded(new_model, config.seed, "dpcgan-global").generator_state()
-    models = [_seeded(new_model, config.seed, "dpcgan-client", c) for c in range(len(clients))]
+    global_generator = seeded_init(new_model, config.seed, "dpcgan-global").generator_state()
+    models = [seeded_init(new_model, config.seed, "dpcgan-client", c) for c in range(len(clients))]
+
+    def local_round(
+        r: int, c: int, global_state: Mapping[str, Tensor], accountant_state: dict[str, Any] | None
+    ) -> tuple[dict[str, Tensor], DPTrainResult]:
+        # --- on client c: only the global generator comes in, only the generator goes out ---
+        (x, y), gan = clients[c], models[c]
+        gan.load_generator_state(global_state)
+        res = _client_round(
+            gan,
+            x,
+            y,
+            config,
+            dp,
+            seed=derive_seed(config.seed, "dpcgan", r, c),
+            accountant_state=accountant_state,
+        )
+        return gan.generator_state(), res
+
     sizes = [int(x.shape[0]) for x, _ in clients]
-    states: list[dict[str, Any] | None] = [None for _ in clients]
-    reports: list[EpsilonReport | None] = [None for _ in clients]
-    sent: list[list[str]] = []
-    losses: list[list[float]] = []
+    run = train_rounds(
+        global_generator,
+        sizes,
+        config.rounds,
+        local_round,
+        _fedavg_generators,
+        label="DP-CGAN",
+        progress=progress,
+    )
 
-    with _progress(progress, "DP-CGAN") as bar:
-        task = bar.add_task("DP-CGAN", total=config.rounds * len(clients), status="")
-        for r in range(config.rounds):
-            messages: list[dict[str, Tensor]] = []
-            round_losses = []
-            for c, ((x, y), gan) in enumerate(zip(clients, models)):
-                # --- on client c ---
-                gan.load_generator_state(global_generator)
-                res = _client_round(gan, x, y, config, dp, seed=derive_seed(config.seed, "dpcgan", r, c),
-                                    accountant_state=states[c])
-                states[c], reports[c] = res.accountant_state, res.epsilon_report
-                message = gan.generator_state()
-                # --- what leaves the client ---
-                sent.append(list(message))
-                messages.append(message)
-                round_losses.append(res.loss)
-                bar.update(task, advance=1, status=f"round {r + 1}  ε {res.epsilon:.3g}")
-            losses.append(round_losses)
-            global_generator = _size_weighted(messages, sizes, "generator.")  # on the server
-
-    final = _seeded(new_model, config.seed, "dpcgan-sampling-model")
-    final.load_generator_state(global_generator)
+    final = seeded_init(new_model, config.seed, "dpcgan-sampling-model")
+    final.load_generator_state(run.global_state)
     final.eval()
-    counts = {"generator": _param_count(final.generator), "discriminator": _param_count(final.discriminator)}
+    counts = {"generator": param_count(final.generator), "discriminator": param_count(final.discriminator)}
     counts["total"] = counts["generator"] + counts["discriminator"]
-    return DPCGANResult(global_generator=global_generator, model=final, **_privacy_fields(dp, states, reports),
-                        sent=sent, param_count=counts, seconds=time.perf_counter() - t0, losses=losses)
+    return DPCGANResult(
+        global_generator=run.global_state,
+        model=final,
+        **privacy_fields(dp, run.accountant_states, run.epsilon_reports),
+        sent=run.sent,
+        param_count=counts,
+        seconds=time.perf_counter() - t0,
+        losses=run.losses,
+    )
 
 
-def _client_round(gan: CGAN, x: Tensor, y: Tensor, config: DPCGANConfig, dp: DPSGD, *, seed: int,
-                  accountant_state: Mapping[str, Any] | None) -> DPTrainResult:
+def _fedavg_generators(states: Sequence[Mapping[str, Tensor]], sizes: Sequence[float]) -> dict[str, Tensor]:
+    """The server's FedAvg of the clients' generators (``generator.*`` keys only), size-weighted."""
+    return size_weighted_mean(states, sizes, "generator.")
+
+
+def _client_round(
+    gan: CGAN,
+    x: Tensor,
+    y: Tensor,
+    config: DPCGANConfig,
+    dp: DPSGD,
+    *,
+    seed: int,
+    accountant_state: Mapping[str, Any] | None,
+) -> DPTrainResult:
     """One client's local training: DP-SGD on the discriminator, a generator step after each."""
     gen_params = list(gan.generator.parameters())
-    g_opt = (torch.optim.SGD(gen_params, lr=config.lr) if config.optimizer == "sgd"
-             else torch.optim.Adam(gen_params, lr=config.lr))
+    g_opt = (
+        torch.optim.SGD(gen_params, lr=config.lr)
+        if config.optimizer == "sgd"
+        else torch.optim.Adam(gen_params, lr=config.lr)
+    )
     nz, c, b = gan.noise_dim, gan.num_classes, int(config.batch_size)
 
     def fake(k: int, like: Tensor) -> tuple[Tensor, Tensor]:
@@ -259,23 +299,37 @@ def _client_round(gan: CGAN, x: Tensor, y: Tensor, config: DPCGANConfig, dp: DPS
         g_opt.zero_grad(set_to_none=True)
 
     gan.train()
-    return train_dp(gan.discriminator, x, y, d_loss, epochs=config.local_epochs, lr=config.lr,
-                     batch_size=config.batch_size, dp=dp, total_epochs=config.rounds * config.local_epochs,
-                     seed=seed, accountant_state=accountant_state, optimizer=config.optimizer,
-                     between_steps=g_step)
+    return train_dp(
+        gan.discriminator,
+        x,
+        y,
+        d_loss,
+        epochs=config.local_epochs,
+        lr=config.lr,
+        batch_size=config.batch_size,
+        dp=dp,
+        total_epochs=config.rounds * config.local_epochs,
+        seed=seed,
+        accountant_state=accountant_state,
+        optimizer=config.optimizer,
+        between_steps=g_step,
+    )
 
 
-def sample(generator_model: CGAN, n: int, class_probs: Sequence[float] | Tensor, *, seed: int = 0
-           ) -> tuple[Tensor, Tensor]:
+def sample(
+    generator_model: CGAN, n: int, class_probs: Sequence[float] | Tensor, *, seed: int = 0
+) -> tuple[Tensor, Tensor]:
     """``n`` synthetic embeddings from ``generator_model``'s generator: ``(x (n, dim), labels (n,))``.
 
     Labels i.i.d. from ``class_probs`` (normalised), ``z ~ N(0, I)`` from a generator seeded with
     ``seed`` (the global RNG is not used); the model is put in eval mode; results on its device.
     """
-    probs = _class_probs(class_probs, generator_model.num_classes)
-    labels, z = _labels_and_noise(n, probs, generator_model.noise_dim, seed)
-    device = next(generator_model.parameters()).device
-    generator_model.eval()
-    with torch.no_grad():
-        x = generator_model.generate(z.to(device), labels.to(device))
-    return x, labels.to(device)
+    return sample_embeddings(
+        generator_model,
+        generator_model.generate,
+        n,
+        class_probs,
+        num_classes=generator_model.num_classes,
+        noise_dim=generator_model.noise_dim,
+        seed=seed,
+    )

@@ -1,6 +1,6 @@
 """Frozen feature extractors that map image patches to embeddings, and `extract` over a dataset.
 
-Di Salvo et al. (MICCAI 2025, issue 10) share synthetic *embeddings*, not images: each client maps
+Di Salvo et al. (MICCAI 2025; docs/dpcvae.md) share synthetic *embeddings*, not images: each client maps
 its images to vectors with a frozen, pre-trained feature extractor and trains its generator on
 ``(embedding, label)`` pairs. Two extractors are provided; neither downloads anything:
 
@@ -23,11 +23,12 @@ from typing import Any, cast
 
 import timm
 import torch
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from privfl.models.registry import build_model
+from privfl.progress import progress_bar
+from privfl.seeding import torch_seeded
 
 __all__ = ["DHUNetEncoder", "dhunet_encoder", "extract", "timm_encoder"]
 
@@ -62,7 +63,8 @@ class DHUNetEncoder(nn.Module):
         branches = [getattr(inner, name, None) for name in ("global_branch", "local_branch")]
         if not all(isinstance(b, nn.Module) for b in branches):
             raise TypeError(
-                f"expected a privfl DHU-Net (with global_branch and local_branch encoders), got {type(model).__name__}"
+                "expected a privfl DHU-Net (with global_branch and local_branch encoders), got "
+                f"{type(model).__name__}"
             )
         self.global_branch = copy.deepcopy(cast(nn.Module, branches[0]))
         self.local_branch = copy.deepcopy(cast(nn.Module, branches[1]))
@@ -75,12 +77,16 @@ class DHUNetEncoder(nn.Module):
             self.embedding_dim = 2 * int(dims[-1])
         else:
             with torch.no_grad():
-                self.embedding_dim = int(self._features(torch.zeros(1, 3, self.img_size, self.img_size)).shape[1])
+                self.embedding_dim = int(
+                    self._features(torch.zeros(1, 3, self.img_size, self.img_size)).shape[1]
+                )
 
     def _deepest(self, branch: nn.Module, x: torch.Tensor) -> torch.Tensor:
         fi = getattr(branch, "forward_intermediates", None)
         if fi is None:
-            raise TypeError(f"encoder branch {type(branch).__name__} has no forward_intermediates (not a timm model)")
+            raise TypeError(
+                f"encoder branch {type(branch).__name__} has no forward_intermediates (not a timm model)"
+            )
         feats = cast(list[torch.Tensor], fi(x, indices=1, intermediates_only=True))
         return feats[-1]  # NCHW, 1/32 resolution
 
@@ -123,8 +129,7 @@ def dhunet_encoder(model: nn.Module | None = None, *, size: int = 32, seed: int 
     if model is None:
         if size < 32 or size % 32:
             raise ValueError(f"size must be a positive multiple of 32, got {size}")
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+        with torch_seeded(seed):
             model = build_model("dhunet-tiny", img_size=size)
     return DHUNetEncoder(model)
 
@@ -145,7 +150,7 @@ def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
         obj = inner
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise ValueError(f"{path}: expected a state dict of tensors, got {type(obj).__name__}")
-    return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in obj.items()}
+    return {(k[len("module.") :] if k.startswith("module.") else k): v for k, v in obj.items()}
 
 
 def timm_encoder(name: str, checkpoint: str | os.PathLike, *, img_size: int | None = None) -> nn.Module:
@@ -214,7 +219,7 @@ def extract(
             it is moved to ``device`` and put in eval mode.
         batch_size: images per forward pass.
         device: where the forward passes run.
-        progress: show a rich progress bar (on stderr).
+        progress: show a rich progress bar.
 
     Returns ``(embeddings, labels)``: float32 ``(N, D)`` and int64 ``(N,)``, both on the CPU, in
     dataset order. Runs under ``torch.no_grad()``.
@@ -228,8 +233,7 @@ def extract(
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0)
     feats: list[torch.Tensor] = []
     labels: list[torch.Tensor] = []
-    columns = (TextColumn("[bold]embeddings"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with torch.no_grad(), Progress(*columns, disable=not progress, transient=False) as bar:
+    with torch.no_grad(), progress_bar(progress, "embeddings", status=None) as bar:
         task = bar.add_task("embeddings", total=n)
         for batch in loader:
             if not isinstance(batch, (tuple, list)) or len(batch) != 2:

@@ -17,7 +17,9 @@ from scipy.stats import wasserstein_distance
 __all__ = ["sliced_wasserstein"]
 
 
-def sliced_wasserstein(real: torch.Tensor, synthetic: torch.Tensor, *, projections: int = 64, seed: int = 0) -> float:
+def sliced_wasserstein(
+    real: torch.Tensor, synthetic: torch.Tensor, *, projections: int = 64, seed: int = 0
+) -> float:
     """Sliced 1-Wasserstein distance between two samples of embeddings ``(N, D)`` and ``(M, D)``.
 
     Args:
@@ -32,8 +34,9 @@ def sliced_wasserstein(real: torch.Tensor, synthetic: torch.Tensor, *, projectio
     a = torch.as_tensor(real, dtype=torch.float64)
     b = torch.as_tensor(synthetic, dtype=torch.float64)
     if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1] or not len(a) or not len(b):
-        raise ValueError(f"need two non-empty (N, D) samples with the same D, got {tuple(a.shape)} and "
-                         f"{tuple(b.shape)}")
+        raise ValueError(
+            f"need two non-empty (N, D) samples with the same D, got {tuple(a.shape)} and {tuple(b.shape)}"
+        )
     if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
         raise ValueError("embeddings must be finite")
     if projections < 1:

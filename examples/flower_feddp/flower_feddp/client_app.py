@@ -16,11 +16,17 @@ def _client(context: Context) -> PrivflClient:
     cid, n = int(node["partition-id"]), int(node["num-partitions"])
     size, seed = int(cfg["image-size"]), int(cfg["seed"])
     data = client_data(cid, n, int(cfg["samples-per-client"]), size, seed)
-    fit = make_fit(cid, data, int(cfg["num-server-rounds"]), size, seed, float(cfg["lr"]), int(cfg["batch-size"]))
+    fit = make_fit(
+        cid, data, int(cfg["num-server-rounds"]), size, seed, float(cfg["lr"]), int(cfg["batch-size"])
+    )
     keys = ckks_keys(str(cfg["keys-dir"])) if cfg["crypto"] == "ckks" else None
     secagg = cfg["crypto"] == "secagg"
-    return PrivflClient(lambda: make_defense(float(cfg["sigma"]), float(cfg["clip"]), bool(cfg["partial"]), keys,
-                                             secagg), fit, client_id=cid, num_examples=len(data))
+    return PrivflClient(
+        lambda: make_defense(float(cfg["sigma"]), float(cfg["clip"]), bool(cfg["partial"]), keys, secagg),
+        fit,
+        client_id=cid,
+        num_examples=len(data),
+    )
 
 
 @app.query()

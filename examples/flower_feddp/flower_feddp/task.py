@@ -15,9 +15,20 @@ from privfl.defenses.ckks import CKKSKeys, CKKSServer
 from privfl.defenses.secagg import SecureAggregation
 from privfl.updates import Update
 
-DEFAULTS = {"num-server-rounds": 2, "samples-per-client": 8, "image-size": 32, "batch-size": 4, "lr": 0.1,
-            "sigma": 0.5, "clip": 0.05, "partial": True, "crypto": "none", "keys-dir": "", "min-clients": 2,
-            "seed": 0}
+DEFAULTS = {
+    "num-server-rounds": 2,
+    "samples-per-client": 8,
+    "image-size": 32,
+    "batch-size": 4,
+    "lr": 0.1,
+    "sigma": 0.5,
+    "clip": 0.05,
+    "partial": True,
+    "crypto": "none",
+    "keys-dir": "",
+    "min-clients": 2,
+    "seed": 0,
+}
 """The run configuration (``[tool.flwr.app.config]`` in pyproject.toml overrides it under ``flwr run``)."""
 
 
@@ -44,8 +55,9 @@ def client_data(client_id: int, num_clients: int, samples_per_client: int, size:
 CRYPTO = ("none", "ckks", "secagg")
 
 
-def make_defense(sigma: float, clip: float, partial: bool, keys: CKKSKeys | None = None,
-                 secagg: bool = False) -> Defense:
+def make_defense(
+    sigma: float, clip: float, partial: bool, keys: CKKSKeys | None = None, secagg: bool = False
+) -> Defense:
     """FedDP's Eq. 11 (clip to C, add N(0, σ²C²): σ is the noise multiplier), optionally with the
     decoder kept local and either
     (client side, with ``keys``) CKKS encryption of what is sent or (both sides, ``secagg``)

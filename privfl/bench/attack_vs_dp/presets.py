@@ -1,47 +1,44 @@
-"""``--preset`` values of ``attack-vs-dp``: the whole configuration of a sweep in one name."""
+"""``--preset`` values of ``attack-vs-dp``: the whole configuration of a sweep in one name.
+
+``cpu-quick`` trains ``unet-wide`` (48 channels at full resolution) rather than ``dhunet-tiny``:
+DHU-Net sees the image only through 4×4 patchify stems, and a batch-1 update of ``dhunet-tiny``
+inverts to about 10 dB even undefended (benchmarks/RESULTS.md, "Inverting Gradients") — a sweep in
+which the attack fails without any defense cannot show what a defense buys. ``--model
+dhunet-tiny`` runs the same sweep on DHU-Net.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
-from privfl.bench.sweep import TrainingPreset
-
-
-@dataclass(frozen=True, kw_only=True)
-class Preset(TrainingPreset):
-    """Every knob of an attack-vs-dp sweep; command-line flags override single fields.
-
-    ``cpu-quick`` trains ``unet-wide`` (48 channels at full resolution) rather than ``dhunet-tiny``:
-    DHU-Net sees the image only through 4×4 patchify stems, and a batch-1 update of ``dhunet-tiny``
-    inverts to about 10 dB even undefended (benchmarks/RESULTS.md, "Inverting Gradients") — a sweep
-    in which the attack fails without any defense cannot show what a defense buys. ``--model
-    dhunet-tiny`` runs the same sweep on DHU-Net.
-    """
-
-    model: str
-    clip: float
-    inversion_iterations: int
-    inversion_batch: int  # the "realistic" batch attacked besides batch 1
-
-    positive_ints = (*TrainingPreset.positive_ints, "inversion_iterations", "inversion_batch")
-
-    def check(self) -> None:
-        super().check()
-        if not self.clip > 0:
-            raise ValueError(f"--clip must be > 0, got {self.clip}")
-        if self.inversion_batch > self.samples_per_client:
-            raise ValueError(f"--inversion-batch {self.inversion_batch} exceeds --samples-per-client "
-                             f"{self.samples_per_client}")
-
+from privfl.experiments.attack_vs_dp.experiment import Preset
+from privfl.fl import ClientConfig
 
 PRESETS: dict[str, Preset] = {
     # about 5 minutes on 2 CPU cores for the default sweep (benchmarks/RESULTS.md)
-    "cpu-quick": Preset(model="unet-wide", clients=5, samples_per_client=16, size=32, rounds=10, local_epochs=1,
-                        batch_size=4, lr=0.1, momentum=0.9, clip=0.5, inversion_iterations=200, inversion_batch=4),
+    "cpu-quick": Preset(
+        model="unet-wide",
+        clients=5,
+        samples_per_client=16,
+        size=32,
+        rounds=10,
+        config=ClientConfig(local_epochs=1, batch_size=4, lr=0.1, momentum=0.9),
+        clip=0.5,
+        inversion_iterations=200,
+        inversion_batch=4,
+    ),
     # FedDP's setting (5 clients, 224×224, 150 rounds, batch 24, SGD); meant for a GPU
-    "paper": Preset(model="dhunet", clients=5, samples_per_client=96, size=224, rounds=150, local_epochs=1,
-                    batch_size=24, lr=0.01, momentum=0.9, clip=0.05, inversion_iterations=2000, inversion_batch=4),
+    "paper": Preset(
+        model="dhunet",
+        clients=5,
+        samples_per_client=96,
+        size=224,
+        rounds=150,
+        config=ClientConfig(local_epochs=1, batch_size=24, lr=0.01, momentum=0.9),
+        clip=0.05,
+        inversion_iterations=2000,
+        inversion_batch=4,
+    ),
 }
 
 

@@ -18,8 +18,16 @@ _rate = {"type": "number", "minimum": 0, "maximum": 1}
 
 _inversion = {
     "type": "object",
-    "required": ["batch", "attacked", "psnr_db", "psnr_db_per_image", "ssim", "iterations_per_second", "seconds",
-                 "upload_bytes_per_client"],
+    "required": [
+        "batch",
+        "attacked",
+        "psnr_db",
+        "psnr_db_per_image",
+        "ssim",
+        "iterations_per_second",
+        "seconds",
+        "upload_bytes_per_client",
+    ],
     "properties": {
         "batch": {"type": "integer", "minimum": 1},
         "attacked": {"enum": ["client 0's payload", "aggregate of all clients"]},
@@ -35,7 +43,17 @@ _inversion = {
 
 _setting = {
     "type": "object",
-    "required": ["name", "label", "threat", "utility", "privacy", "inversion", "membership", "wire", "seconds"],
+    "required": [
+        "name",
+        "label",
+        "threat",
+        "utility",
+        "privacy",
+        "inversion",
+        "membership",
+        "wire",
+        "seconds",
+    ],
     "properties": {
         "name": {"type": "string"},
         "label": {"type": "string"},
@@ -43,13 +61,25 @@ _setting = {
         "utility": {
             "type": "object",
             "required": ["dice", "jaccard", "accuracy", "train_loss", "dice_per_round", "model"],
-            "properties": {"dice": _rate, "jaccard": _rate, "accuracy": _rate, "train_loss": _number,
-                           "model": {"enum": ["global", "personalized (mean over clients)"]},
-                           "dice_per_round": {"type": "array", "items": _rate, "minItems": 1}},
+            "properties": {
+                "dice": _rate,
+                "jaccard": _rate,
+                "accuracy": _rate,
+                "train_loss": _number,
+                "model": {"enum": ["global", "personalized (mean over clients)"]},
+                "dice_per_round": {"type": "array", "items": _rate, "minItems": 1},
+            },
         },
         "privacy": {
             "type": "object",
-            "required": ["epsilon", "delta", "accountant", "planned_epsilon", "target_epsilon", "claimed_epsilon"],
+            "required": [
+                "epsilon",
+                "delta",
+                "accountant",
+                "planned_epsilon",
+                "target_epsilon",
+                "claimed_epsilon",
+            ],
             "properties": {
                 "epsilon": {"type": ["number", "null"], "minimum": 0},
                 "delta": {"type": ["number", "null"], "exclusiveMinimum": 0, "exclusiveMaximum": 1},
@@ -62,24 +92,41 @@ _setting = {
         "inversion": {"type": "array", "items": _inversion, "minItems": 1},
         "membership": {
             "type": "object",
-            "required": ["attack", "n_members", "n_non_members", "auc", "tpr_at_1%_fpr", "tpr_at_0.1%_fpr",
-                         "empirical_epsilon", "roc"],
+            "required": [
+                "attack",
+                "n_members",
+                "n_non_members",
+                "auc",
+                "tpr_at_1%_fpr",
+                "tpr_at_0.1%_fpr",
+                "empirical_epsilon",
+                "roc",
+            ],
             "properties": {
                 "attack": {"type": "string"},
                 "n_members": {"type": "integer", "minimum": 1},
                 "n_non_members": {"type": "integer", "minimum": 1},
-                "auc": _rate, "tpr_at_1%_fpr": _rate, "tpr_at_0.1%_fpr": _rate,
+                "auc": _rate,
+                "tpr_at_1%_fpr": _rate,
+                "tpr_at_0.1%_fpr": _rate,
                 "empirical_epsilon": {"type": "number", "minimum": 0},
-                "roc": {"type": "object", "required": ["fpr", "tpr"],
-                        "properties": {"fpr": {"type": "array", "items": _rate},
-                                       "tpr": {"type": "array", "items": _rate}}},
+                "roc": {
+                    "type": "object",
+                    "required": ["fpr", "tpr"],
+                    "properties": {
+                        "fpr": {"type": "array", "items": _rate},
+                        "tpr": {"type": "array", "items": _rate},
+                    },
+                },
             },
         },
         "wire": {
             "type": "object",
             "required": ["upload_bytes_per_client", "download_bytes_per_client", "bytes_per_round"],
-            "properties": {k: {"type": "integer", "minimum": 0}
-                           for k in ("upload_bytes_per_client", "download_bytes_per_client", "bytes_per_round")},
+            "properties": {
+                k: {"type": "integer", "minimum": 0}
+                for k in ("upload_bytes_per_client", "download_bytes_per_client", "bytes_per_round")
+            },
         },
         "seconds": {
             "type": "object",
@@ -97,8 +144,20 @@ SCHEMA: dict[str, Any] = {
     "properties": {
         "schema_version": {"const": SCHEMA_VERSION},
         "preset": {"type": "string"},
-        "config": {"type": "object", "required": ["model", "clients", "rounds", "size", "batch_size", "clip",
-                                                  "delta", "seed", "seeded_noise"]},
+        "config": {
+            "type": "object",
+            "required": [
+                "model",
+                "clients",
+                "rounds",
+                "size",
+                "batch_size",
+                "clip",
+                "delta",
+                "seed",
+                "seeded_noise",
+            ],
+        },
         "data": {"type": "string"},
         "machine": {"type": "object", "required": ["date", "python", "torch", "cpu", "cores"]},
         "seconds": {"type": "number", "minimum": 0},

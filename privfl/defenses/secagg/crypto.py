@@ -14,9 +14,9 @@
 * Signatures: Ed25519 (:func:`sign` / :func:`verify`). Large messages are signed through a tree
   digest (:func:`block_digest` per block, then :func:`tree_digest`), which blocks hash in parallel.
 
-Speed (2-core AMD EPYC): one ChaCha20 mask of 55.4 M words added into a vector takes about 0.08 s on
-one core (0.04 s on two); numpy's ``RandomState`` (MT19937) takes about 0.21 s for the same words
-(``python -m privfl.bench secagg``).
+Speed: ``python -m privfl.bench secagg`` times ChaCha20 masks against the same number of words from
+numpy's ``RandomState`` (MT19937); the figures are in ``benchmarks/RESULTS.md``, section "Secure
+aggregation".
 Work is shared out like :class:`~privfl.defenses.rng.SecureNoise`: worker threads take the next block
 when they finish one (OpenSSL and numpy release the GIL), each with its own scratch buffers, so
 memory beyond the vector itself is a few block-sized buffers per thread.
@@ -76,6 +76,7 @@ _INFO = b"privfl/secagg/v1/"
 
 # ------------------------------------------------------------------------------ key agreement, KDF
 
+
 def new_x25519() -> tuple[bytes, bytes]:
     """A fresh X25519 key pair ``(secret key, public key)``, 32 raw bytes each."""
     sk = X25519PrivateKey.generate()
@@ -91,7 +92,9 @@ def agree(secret_key: bytes, peer_public: bytes) -> bytes:
     """X25519 shared secret (32 bytes). A low-order peer key (all-zero result) raises
     :class:`SecAggIntegrityError`."""
     try:
-        return X25519PrivateKey.from_private_bytes(secret_key).exchange(X25519PublicKey.from_public_bytes(peer_public))
+        return X25519PrivateKey.from_private_bytes(secret_key).exchange(
+            X25519PublicKey.from_public_bytes(peer_public)
+        )
     except ValueError as err:
         raise SecAggIntegrityError(f"X25519 key agreement failed (invalid peer key): {err}") from err
 
@@ -181,6 +184,7 @@ def tree_digest(header: bytes, digests: Sequence[bytes]) -> bytes:
 
 # ------------------------------------------------------------------------------ masks
 
+
 class MaskTerm(NamedTuple):
     """One mask to add (``sign = +1``) or subtract (``sign = -1``) modulo 2^32."""
 
@@ -210,8 +214,13 @@ def keystream_into(key: bytes, start_word: int, out: np.ndarray, zeros: bytes | 
     out[:] = tmp[skip:]
 
 
-def mask_block(out: np.ndarray, start_word: int, terms: Sequence[MaskTerm], scratch: np.ndarray,
-               zeros: bytes | None = None) -> None:
+def mask_block(
+    out: np.ndarray,
+    start_word: int,
+    terms: Sequence[MaskTerm],
+    scratch: np.ndarray,
+    zeros: bytes | None = None,
+) -> None:
     """Add (or subtract) every mask in ``terms`` to ``out`` (words ``start_word ..``), modulo 2^32,
     using ``scratch`` (uint32, at least ``len(out)`` words) for the keystream."""
     buf = scratch[: out.size]
@@ -223,15 +232,20 @@ def mask_block(out: np.ndarray, start_word: int, terms: Sequence[MaskTerm], scra
             np.subtract(out, buf, out=out)
 
 
-def add_masks(vec: np.ndarray, terms: Sequence[MaskTerm], *, block_words: int = 1 << 18,
-              threads: int | None = None) -> None:
+def add_masks(
+    vec: np.ndarray, terms: Sequence[MaskTerm], *, block_words: int = 1 << 18, threads: int | None = None
+) -> None:
     """Add every mask in ``terms`` to the uint32 vector ``vec`` in place, modulo 2^32 (block-parallel)."""
     n = vec.size
     n_blocks = -(-n // block_words)
 
     def work(i: int, scratch: tuple[np.ndarray, bytes]) -> None:
         a = i * block_words
-        mask_block(vec[a:a + block_words], a, terms, scratch[0], scratch[1])
+        mask_block(vec[a : a + block_words], a, terms, scratch[0], scratch[1])
 
-    run_blocks(n_blocks, work, lambda: (np.empty(min(block_words, n), dtype=U32), bytes(4 * min(block_words, n))),
-               threads)
+    run_blocks(
+        n_blocks,
+        work,
+        lambda: (np.empty(min(block_words, n), dtype=U32), bytes(4 * min(block_words, n))),
+        threads,
+    )

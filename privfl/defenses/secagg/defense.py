@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import warnings
-from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,19 +30,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from privfl.defenses.base import Defense, Payload, RoundContext, check_before_reveal
+from privfl.defenses.base import Aggregation, Defense, Payload, RoundContext, Transport, check_before_reveal
 from privfl.defenses.dp import ClipUpdate
+from privfl.defenses.secagg.client import CLIENT_STEPS, SecAggClient
 from privfl.defenses.secagg.errors import InsufficientClientsError, SecAggIntegrityError, SecAggProtocolError
-from privfl.defenses.secagg.protocol import (
-    CLIENT_STEPS,
-    DEFAULT_BLOCK_WORDS,
-    AggregateResult,
-    MaskedInput,
-    SecAggClient,
-    SecAggConfig,
-    SecAggServer,
-)
+from privfl.defenses.secagg.messages import DEFAULT_BLOCK_WORDS, MaskedInput, SecAggConfig
 from privfl.defenses.secagg.quantize import check_clip_range
+from privfl.defenses.secagg.server import AggregateResult, SecAggServer
 from privfl.errors import PayloadTooLargeError, check_payload_size
 from privfl.updates import InvalidUpdateError, Update, UpdateSpec, flatten_floating, unflatten
 
@@ -97,24 +90,14 @@ class SecAggReport:
     rejected: dict[int, str] = field(default_factory=dict)
 
 
-class SecAggTransport(ABC):
-    """How a :class:`SecureAggregation` server's messages reach the clients and their replies come
-    back: in one process (the default), or over a network (e.g.
-    :mod:`privfl.integrations.flower`, where each node runs :meth:`SecAggClient.handle
-    <privfl.defenses.secagg.protocol.SecAggClient.handle>`).
-
-    Attributes:
-        fault_tolerant: a client whose reply is invalid is dropped from the round, with the reason
-            in :attr:`SecAggReport.rejected` and the ``privfl.secagg`` log, instead of the round
-            raising. Remote transports set it: one broken or hostile client must not stop the others.
-    """
-
-    fault_tolerant: bool = False
-
-    @abstractmethod
-    def exchange(self, step: str, messages: Mapping[int, bytes]) -> dict[int, bytes]:
-        """Deliver ``messages[c]`` to client ``c`` for ``step`` (one of ``CLIENT_STEPS``) and return
-        ``{c: reply bytes}`` for the clients that answered; a client missing from it dropped out."""
+SecAggTransport = Transport
+"""How a :class:`SecureAggregation` server's messages reach the clients and their replies come
+back: in one process (the default), or over a network (e.g. :mod:`privfl.integrations.flower`,
+where each node runs :meth:`SecAggClient.handle <privfl.defenses.secagg.client.SecAggClient.handle>`).
+It is the :class:`~privfl.defenses.base.Transport` of the ``"interactive"`` aggregation capability:
+``exchange(step, {client: bytes}) -> {client: reply}`` for ``step`` one of ``CLIENT_STEPS``;
+``fault_tolerant`` transports drop a client whose reply is invalid, with the reason in
+:attr:`SecAggReport.rejected` and the ``privfl.secagg`` log, instead of the round raising."""
 
 
 class _InProcessClients(SecAggTransport):
@@ -127,8 +110,12 @@ class _InProcessClients(SecAggTransport):
         return {c: self.clients[c].handle(step, m) for c, m in messages.items()}
 
 
-_KINDS = {"advertise": ("config", "advertise"), "share_keys": ("key_list", "share_keys"),
-          "receive_shares": ("share_delivery", None), "unmask": ("unmask_request", "unmask_response")}
+_KINDS = {
+    "advertise": ("config", "advertise"),
+    "share_keys": ("key_list", "share_keys"),
+    "receive_shares": ("share_delivery", None),
+    "unmask": ("unmask_request", "unmask_response"),
+}
 assert set(_KINDS) == set(CLIENT_STEPS)
 
 
@@ -230,6 +217,11 @@ class SecureAggregation(Defense):
     """
 
     hides_individual_updates = True
+    aggregation: Aggregation = "interactive"
+    """The capability :mod:`privfl.integrations.flower` runs it by: key rounds and an unmask round
+    with the clients through a :class:`~privfl.defenses.base.Transport` (:meth:`connect`), each
+    client answering with :meth:`client_step` and masking with its own saved protocol state
+    (:meth:`resume_client`, :meth:`client_state`)."""
 
     @property
     def tolerated_colluders(self) -> int:  # type: ignore[override]
@@ -237,13 +229,24 @@ class SecureAggregation(Defense):
         distributed noise in front of this stage is accounted against that many colluders."""
         return self.threshold - 1
 
-    def __init__(self, threshold: int, clip_range: float | None = None, *, scale_bits: int | None = None,
-                 drop_before_unmask: Iterable[int] = (), block_words: int = DEFAULT_BLOCK_WORDS,
-                 threads: int | None = None, keep_result: bool = False,
-                 transport: SecAggTransport | None = None, max_payload_bytes: int | None = None) -> None:
+    def __init__(
+        self,
+        threshold: int,
+        clip_range: float | None = None,
+        *,
+        scale_bits: int | None = None,
+        drop_before_unmask: Iterable[int] = (),
+        block_words: int = DEFAULT_BLOCK_WORDS,
+        threads: int | None = None,
+        keep_result: bool = False,
+        transport: SecAggTransport | None = None,
+        max_payload_bytes: int | None = None,
+    ) -> None:
         if not isinstance(threshold, int) or isinstance(threshold, bool) or threshold < 2:
-            raise ValueError(f"SecureAggregation: threshold must be an int >= 2, got {threshold!r} "
-                             "(t = 1 would give every client every other client's secrets)")
+            raise ValueError(
+                f"SecureAggregation: threshold must be an int >= 2, got {threshold!r} "
+                "(t = 1 would give every client every other client's secrets)"
+            )
         self.threshold = threshold
         self.clip_range: float | None = check_clip_range(clip_range) if clip_range is not None else None
         self.clip_source = "clip_range" if clip_range is not None else None
@@ -267,17 +270,21 @@ class SecureAggregation(Defense):
         """Called by :class:`Compose`: must be the last stage; inherit R from a preceding
         :class:`ClipUpdate` unless a noise stage comes between them."""
         if after:
-            raise ValueError("SecureAggregation must be the last stage of a Compose (its payload is opaque bytes)")
+            raise ValueError(
+                "SecureAggregation must be the last stage of a Compose (its payload is opaque bytes)"
+            )
         if self.clip_range is not None:
             return
         clips = [i for i, d in enumerate(before) if isinstance(d, ClipUpdate)]
         if not clips:
             return
-        noisy = [d for d in before[clips[-1] + 1:] if _adds_noise(d)]
+        noisy = [d for d in before[clips[-1] + 1 :] if _adds_noise(d)]
         if noisy:
             raise ValueError(
-                f"SecureAggregation after {type(noisy[0]).__name__}: noise can take coordinates beyond the clip "
-                "norm, so give clip_range=R explicitly (coordinates beyond R are saturated and counted)")
+                f"SecureAggregation after {type(noisy[0]).__name__}: noise can take coordinates "
+                "beyond the clip "
+                "norm, so give clip_range=R explicitly (coordinates beyond R are saturated and counted)"
+            )
         clip = before[clips[-1]]
         assert isinstance(clip, ClipUpdate)
         self.clip_range = float(clip.max_norm)
@@ -292,17 +299,24 @@ class SecureAggregation(Defense):
             return
         self._session = None
         if self.clip_range is None:
-            raise ValueError("SecureAggregation needs clip_range=R (or a ClipUpdate directly before it in a Compose)")
+            raise ValueError(
+                "SecureAggregation needs clip_range=R (or a ClipUpdate directly before it in a Compose)"
+            )
         n = len(ctx.sampled)
         if len(set(ctx.sampled)) != n:
             raise ValueError(f"SecureAggregation: sampled client ids must be distinct, got {ctx.sampled}")
         if n < self.threshold:
-            raise InsufficientClientsError(f"SecureAggregation: {n} sampled clients, fewer than the threshold "
-                                           f"{self.threshold}; the round cannot run")
-        config = SecAggConfig.create(ctx.sampled, ctx.weights, self.threshold, self.clip_range, self.scale_bits,
-                                     self.block_words)
+            raise InsufficientClientsError(
+                f"SecureAggregation: {n} sampled clients, fewer than the threshold "
+                f"{self.threshold}; the round cannot run"
+            )
+        config = SecAggConfig.create(
+            ctx.sampled, ctx.weights, self.threshold, self.clip_range, self.scale_bits, self.block_words
+        )
         server = SecAggServer(config, threads=self.threads)
-        transport = self.transport if self.transport is not None else _InProcessClients(ctx.sampled, self.threads)
+        transport = (
+            self.transport if self.transport is not None else _InProcessClients(ctx.sampled, self.threads)
+        )
         s = _Session(key, server, transport)
         s.run("advertise", dict.fromkeys(ctx.sampled, config.to_bytes()), server.receive_advertisement)
         keys = server.key_list().to_bytes()  # closes round 0: U1
@@ -328,18 +342,25 @@ class SecureAggregation(Defense):
             raise ValueError("SecureAggregation.protect runs on a client: pass ctx.for_client(client_id)")
         if self._client is not None:
             client = self._client
-            if client.client_id != ctx.client_id or client.config is None \
-                    or tuple(client.config.clients) != tuple(ctx.sampled):
-                raise SecAggProtocolError(f"client {ctx.client_id}: its secure-aggregation keys were set up for "
-                                          f"another round or client (round {ctx.round}, sampled {ctx.sampled})")
+            if (
+                client.client_id != ctx.client_id
+                or client.config is None
+                or tuple(client.config.clients) != tuple(ctx.sampled)
+            ):
+                raise SecAggProtocolError(
+                    f"client {ctx.client_id}: its secure-aggregation keys were set up for "
+                    f"another round or client (round {ctx.round}, sampled {ctx.sampled})"
+                )
             vec, self.layout = _float_vector(update)
             return client.masked_input(vec).to_bytes()
         self.before_round(ctx)  # no-op when the round is already set up
         s = self._session
         assert s is not None
         if not isinstance(s.transport, _InProcessClients):
-            raise SecAggProtocolError("this SecureAggregation is a server with a remote transport: protect runs on "
-                                      "the clients (use_client there)")
+            raise SecAggProtocolError(
+                "this SecureAggregation is a server with a remote transport: protect runs on "
+                "the clients (use_client there)"
+            )
         simulated = s.transport.clients.get(ctx.client_id)
         if simulated is None:
             raise ValueError(f"client {ctx.client_id} is not sampled in round {ctx.round}")
@@ -347,20 +368,63 @@ class SecureAggregation(Defense):
         if s.spec is None:
             s.spec = spec
         elif spec != s.spec:
-            raise InvalidUpdateError(f"client {ctx.client_id}'s update does not have the layout of the others'")
+            raise InvalidUpdateError(
+                f"client {ctx.client_id}'s update does not have the layout of the others'"
+            )
         return simulated.masked_input(vec).to_bytes()
 
     def use_client(self, client: SecAggClient | None) -> None:
         """Client side over a network: the node's :class:`SecAggClient`, which ran the key rounds
-        (:meth:`SecAggClient.handle <privfl.defenses.secagg.protocol.SecAggClient.handle>`), masks
+        (:meth:`SecAggClient.handle <privfl.defenses.secagg.client.SecAggClient.handle>`), masks
         this node's update in :meth:`protect`. ``None`` goes back to the in-process simulation."""
         self._client = client
+
+    # ------------------------------------------------------------------ the "interactive" capability
+
+    def connect(self, transport: Transport) -> None:
+        """Server side over a network: reach the clients through ``transport``."""
+        self.transport = transport
+
+    @property
+    def rejected_clients(self) -> dict[int, str]:
+        """The clients whose message the last :meth:`aggregate` dropped, with the reason."""
+        return dict(self.last_report.rejected) if self.last_report is not None else {}
+
+    def client_step(
+        self, client_id: int, step: str, message: bytes, state: bytes | None
+    ) -> tuple[bytes, bytes]:
+        """Client side over a network: answer the server's ``message`` for ``step`` with the node's
+        :class:`SecAggClient` restored from ``state`` (``"advertise"`` starts a round: fresh keys,
+        whatever was left of the last one is dropped). Returns ``(reply, the new state)``."""
+        client = SecAggClient(client_id) if step == "advertise" else self._restore(client_id, state)
+        reply = client.handle(step, message)
+        return reply, client.state_bytes()
+
+    def resume_client(self, client_id: int, state: bytes | None) -> None:
+        """Client side over a network, before :meth:`protect`: the node's saved protocol state."""
+        self.use_client(self._restore(client_id, state))
+
+    def client_state(self) -> bytes:
+        """Client side over a network, after :meth:`protect`: the node's protocol state to keep."""
+        if self._client is None:
+            raise SecAggProtocolError("client_state: no node client in use (resume_client first)")
+        return self._client.state_bytes()
+
+    @staticmethod
+    def _restore(client_id: int, state: bytes | None) -> SecAggClient:
+        if state is None:
+            raise SecAggProtocolError(
+                f"client {client_id}: no secure-aggregation round in progress on this node"
+            )
+        return SecAggClient.from_state_bytes(state)
 
     def set_layout(self, spec: UpdateSpec) -> None:
         """Server side over a network: the layout (names, shapes, dtypes — public metadata the
         clients report) of the updates in this round's masked inputs, to unflatten the mean."""
         if self._session is None:
-            raise SecAggProtocolError("set_layout: no secure-aggregation round in progress (before_round first)")
+            raise SecAggProtocolError(
+                "set_layout: no secure-aggregation round in progress (before_round first)"
+            )
         self._session.spec = spec
 
     # ------------------------------------------------------------------ server: rounds 2-4
@@ -369,13 +433,17 @@ class SecureAggregation(Defense):
         """Unmask the sum of the received inputs and return the weighted mean over the survivors."""
         s = self._session
         if s is None or s.key != _round_key(ctx):
-            raise SecAggProtocolError("SecureAggregation.aggregate: no secure-aggregation round in progress for this "
-                                      "context (run before_round and protect with the same ctx first)")
+            raise SecAggProtocolError(
+                "SecureAggregation.aggregate: no secure-aggregation round in progress for this "
+                "context (run before_round and protect with the same ctx first)"
+            )
         if len(payloads) != len(ctx.sampled):
             raise ValueError(f"{len(payloads)} payloads for {len(ctx.sampled)} sampled clients")
         self._session = None  # the round ends here, whatever happens: its keys are discarded
         if s.spec is None:
-            raise SecAggProtocolError("SecureAggregation.aggregate: the updates' layout is unknown (set_layout)")
+            raise SecAggProtocolError(
+                "SecureAggregation.aggregate: the updates' layout is unknown (set_layout)"
+            )
         server = s.server
 
         def receive_input(cid: int) -> Callable[[bytes], None]:
@@ -383,23 +451,30 @@ class SecureAggregation(Defense):
                 check_payload_size(raw, self.max_payload_bytes, f"masked input of client {cid}")
                 msg = MaskedInput.from_bytes(raw)
                 if msg.client_id != cid:
-                    raise SecAggProtocolError(f"the payload in client {cid}'s slot is client {msg.client_id}'s")
+                    raise SecAggProtocolError(
+                        f"the payload in client {cid}'s slot is client {msg.client_id}'s"
+                    )
                 server.receive_masked_input(msg)
+
             return receive
 
         for cid, p in zip(ctx.sampled, payloads):
             if p is None:
                 continue
             if not isinstance(p, (bytes, bytearray, memoryview)):
-                raise TypeError(f"payload of client {cid} is {type(p).__name__}, not the bytes SecureAggregation "
-                                "produced")
+                raise TypeError(
+                    f"payload of client {cid} is {type(p).__name__}, not the bytes SecureAggregation produced"
+                )
             s.accept(cid, receive_input(cid), s.count("masked_input", bytes(p)))
         request = server.unmask_request()
         # the survivors are known and nothing is unmasked yet: a round that does not fit stops here
         check_before_reveal(ctx, request.survivors, s.spec.numel)
         simulated_drops = self.drop_before_unmask if isinstance(s.transport, _InProcessClients) else set()
-        s.run("unmask", dict.fromkeys([c for c in request.survivors if c not in simulated_drops],
-                                      request.to_bytes()), server.receive_unmask_response)
+        s.run(
+            "unmask",
+            dict.fromkeys([c for c in request.survivors if c not in simulated_drops], request.to_bytes()),
+            server.receive_unmask_response,
+        )
         result = server.finish()
         assert s.spec is not None
         mean = result.mean(dtype=torch.empty(0, dtype=s.spec.dtype).numpy().dtype)
@@ -407,14 +482,27 @@ class SecureAggregation(Defense):
         self.aggregated_clients = result.survivors
         self.last_result = result if self.keep_result else None
         self.last_report = SecAggReport(
-            round=ctx.round, threshold=cfg.threshold, clients=tuple(ctx.sampled), survivors=result.survivors,
+            round=ctx.round,
+            threshold=cfg.threshold,
+            clients=tuple(ctx.sampled),
+            survivors=result.survivors,
             dropped_before_input=tuple(c for c in ctx.sampled if c not in result.survivors),
-            dropped_before_unmask=result.dropped_before_unmask, weight_total=result.weight_total,
-            clip_range=cfg.clip_range, scale_bits=cfg.scale_bits, saturated=result.saturated,
-            max_dequantization_error=result.max_error, wire_bytes=dict(s.wire), rejected=dict(s.rejected))
+            dropped_before_unmask=result.dropped_before_unmask,
+            weight_total=result.weight_total,
+            clip_range=cfg.clip_range,
+            scale_bits=cfg.scale_bits,
+            saturated=result.saturated,
+            max_dequantization_error=result.max_error,
+            wire_bytes=dict(s.wire),
+            rejected=dict(s.rejected),
+        )
         if result.saturated:
-            warnings.warn(f"SecureAggregation: {result.saturated} coordinates were beyond the clip range "
-                          f"±{cfg.clip_range:g} and were saturated", SaturationWarning, stacklevel=2)
+            warnings.warn(
+                f"SecureAggregation: {result.saturated} coordinates were beyond the clip range "
+                f"±{cfg.clip_range:g} and were saturated",
+                SaturationWarning,
+                stacklevel=2,
+            )
         return unflatten(torch.from_numpy(mean), s.spec)
 
     def state_dict(self) -> dict[str, Any]:
@@ -422,12 +510,13 @@ class SecureAggregation(Defense):
         return {}
 
     def __repr__(self) -> str:
-        return (f"SecureAggregation(threshold={self.threshold}, clip_range={self.clip_range}, "
-                f"scale_bits={self.scale_bits})")
+        return (
+            f"SecureAggregation(threshold={self.threshold}, clip_range={self.clip_range}, "
+            f"scale_bits={self.scale_bits})"
+        )
 
 
 def _float_vector(update: Update) -> tuple[np.ndarray, UpdateSpec]:
     """Flatten an all-floating, finite update to a float32/float64 numpy vector."""
     vec, spec = flatten_floating(update, "SecureAggregation")
     return vec.detach().cpu().contiguous().numpy(), spec
-

@@ -88,18 +88,26 @@ def check_no_wrap(weights: Sequence[float], clip_range: float, scale_bits: int) 
     """Refuse (:class:`OverflowRiskError`) a configuration whose sum could leave the int32 range."""
     ws = check_weights(weights)
     r = check_clip_range(clip_range)
-    if not isinstance(scale_bits, (int, np.integer)) or not _MIN_SCALE_BITS <= int(scale_bits) <= _MAX_SCALE_BITS:
-        raise ValueError(f"scale_bits must be an int in [{_MIN_SCALE_BITS}, {_MAX_SCALE_BITS}], got {scale_bits!r}")
+    if (
+        not isinstance(scale_bits, (int, np.integer))
+        or not _MIN_SCALE_BITS <= int(scale_bits) <= _MAX_SCALE_BITS
+    ):
+        raise ValueError(
+            f"scale_bits must be an int in [{_MIN_SCALE_BITS}, {_MAX_SCALE_BITS}], got {scale_bits!r}"
+        )
     bound = sum_bound(ws, r, int(scale_bits))
     if bound > INT32_MAX:
         best = choose_scale_bits(ws, r)
         raise OverflowRiskError(
-            f"{len(ws)} clients with clip range {r:g} and scale 2^{scale_bits} could sum to ±{bound:,}, beyond "
-            f"the int32 range ±{INT32_MAX:,} of the mod-2^32 sum: use scale_bits <= {best} (or a smaller clip range)")
+            f"{len(ws)} clients with clip range {r:g} and scale 2^{scale_bits} could sum to ±{bound:,}, "
+            f"beyond the int32 range ±{INT32_MAX:,} of the mod-2^32 sum: use scale_bits <= {best} (or a "
+            "smaller clip range)"
+        )
 
 
 def choose_scale_bits(weights: Sequence[float], clip_range: float) -> int:
-    """The largest ``k`` with ``sum_bound(weights, clip_range, k) <= 2^31 - 1`` (finest grid that cannot wrap)."""
+    """The largest ``k`` with ``sum_bound(weights, clip_range, k) <= 2^31 - 1`` (finest grid that cannot
+    wrap)."""
     ws = check_weights(weights)
     r = check_clip_range(clip_range)
     k = math.floor(math.log2(INT32_MAX / (r * sum(ws)))) + 2  # an upper estimate; step down
@@ -117,8 +125,9 @@ def max_dequantization_error(n_clients: int, scale_bits: int, weight_total: floa
     return n_clients / (2.0 * math.ldexp(float(weight_total), int(scale_bits)))
 
 
-def quantize_into(x: np.ndarray, out: np.ndarray, factor: float, clip_range: float, f64: np.ndarray,
-                  i64: np.ndarray) -> int:
+def quantize_into(
+    x: np.ndarray, out: np.ndarray, factor: float, clip_range: float, f64: np.ndarray, i64: np.ndarray
+) -> int:
     """Quantize the float block ``x`` into the uint32 block ``out`` (same length) with ``factor = w·2^k``;
     ``f64``/``i64`` are scratch buffers of at least that length. Returns the saturated count.
 
@@ -153,8 +162,13 @@ def quantize(x: np.ndarray, weight: float, clip_range: float, scale_bits: int) -
     return f.astype(np.int64), saturated
 
 
-def dequantize(int_sum: np.ndarray, scale_bits: int, weight_total: float, dtype: np.dtype | type = np.float32,
-               block: int = 1 << 18) -> np.ndarray:
+def dequantize(
+    int_sum: np.ndarray,
+    scale_bits: int,
+    weight_total: float,
+    dtype: np.dtype | type = np.float32,
+    block: int = 1 << 18,
+) -> np.ndarray:
     """``int_sum / (2^k · W)`` computed in float64 and cast to ``dtype``, block by block (no full-size
     float64 temporary)."""
     if not (math.isfinite(weight_total) and weight_total > 0):

@@ -76,8 +76,14 @@ def _check_xs(xs: Sequence[int], prime: int) -> None:
         raise ShamirError(f"share x values must be distinct, got {list(xs)}")
 
 
-def split_int(secret: int, threshold: int, xs: Sequence[int], *, prime: int = PRIME,
-              coefficients: Sequence[int] | None = None) -> list[int]:
+def split_int(
+    secret: int,
+    threshold: int,
+    xs: Sequence[int],
+    *,
+    prime: int = PRIME,
+    coefficients: Sequence[int] | None = None,
+) -> list[int]:
     """Shares ``f(x)`` for each ``x`` in ``xs`` of the secret ``secret`` (``0 <= secret < prime``).
 
     ``coefficients`` (``a_1 .. a_{t-1}``, each in ``[0, prime)``) fixes the polynomial; by default
@@ -156,8 +162,11 @@ class Share:
 
     def to_bytes(self) -> bytes:
         """The wire encoding described in the class docstring."""
-        return (self.x.to_bytes(_FIELD_BYTES, "big") + struct.pack(">H", self.secret_len)
-                + b"".join(y.to_bytes(_FIELD_BYTES, "big") for y in self.ys))
+        return (
+            self.x.to_bytes(_FIELD_BYTES, "big")
+            + struct.pack(">H", self.secret_len)
+            + b"".join(y.to_bytes(_FIELD_BYTES, "big") for y in self.ys)
+        )
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Share:
@@ -167,7 +176,9 @@ class Share:
             raise ShamirError(f"malformed share: {len(data)} bytes")
         x = int.from_bytes(data[:_FIELD_BYTES], "big")
         (secret_len,) = struct.unpack(">H", data[_FIELD_BYTES:head])
-        ys = tuple(int.from_bytes(data[i:i + _FIELD_BYTES], "big") for i in range(head, len(data), _FIELD_BYTES))
+        ys = tuple(
+            int.from_bytes(data[i : i + _FIELD_BYTES], "big") for i in range(head, len(data), _FIELD_BYTES)
+        )
         if len(ys) != _limbs(secret_len):
             raise ShamirError(f"malformed share: {len(ys)} limbs for a {secret_len}-byte secret")
         if not 0 < x < PRIME or any(y >= PRIME for y in ys):
@@ -184,7 +195,7 @@ def split_bytes(secret: bytes, threshold: int, xs: Sequence[int]) -> list[Share]
     secret = bytes(secret)
     if not 1 <= len(secret) <= 0xFFFF:
         raise ShamirError(f"byte secret must be 1..65535 bytes, got {len(secret)}")
-    limbs = [int.from_bytes(secret[i:i + LIMB_BYTES], "big") for i in range(0, len(secret), LIMB_BYTES)]
+    limbs = [int.from_bytes(secret[i : i + LIMB_BYTES], "big") for i in range(0, len(secret), LIMB_BYTES)]
     per_limb = [split_int(limb, threshold, xs) for limb in limbs]
     return [Share(x, tuple(col[i] for col in per_limb), len(secret)) for i, x in enumerate(xs)]
 

@@ -12,11 +12,12 @@ Wire format (one :class:`flwr.app.RecordDict` per message):
 * ``"privfl.aggregate"`` (ConfigRecord ``{"ciphertext": bytes}``): under CKKS, the encrypted mean
   update of the last round, sent instead of the state (the server cannot decrypt it).
 * ``"privfl.metrics"`` (MetricRecord): ``num-examples``, ``train_loss``, ``client_id`` from a client.
-* ``"privfl.secagg"`` (ConfigRecord): a secure-aggregation exchange — ``{"step", "message"}`` from
-  the server (a ``query``), ``{"message"}`` in the reply (protocol bytes of
-  :mod:`privfl.defenses.secagg.protocol`).
-* ``"privfl.layout"`` (ConfigRecord ``{"layout": JSON}``): next to a masked input, the names, shapes
-  and dtypes of the masked update (public), so the server can unflatten the mean.
+* ``"privfl.secagg"`` (ConfigRecord): an exchange of an ``"interactive"`` aggregator (secure
+  aggregation) — ``{"step", "message"}`` from the server (a ``query``), ``{"message"}`` in the reply
+  (protocol bytes, e.g. of :mod:`privfl.defenses.secagg.protocol`).
+* ``"privfl.layout"`` (ConfigRecord ``{"layout": JSON}``): next to an opaque payload (masked input,
+  ciphertext), the names, shapes and dtypes of the update (public), so the server can unflatten the
+  mean or account its release.
 """
 
 from __future__ import annotations
@@ -66,8 +67,9 @@ def payload_to_content(payload: Payload) -> RecordDict:
     raise TypeError(f"cannot send a payload of type {type(payload).__name__}")
 
 
-def content_to_payload(content: RecordDict, expected: Mapping[str, torch.Tensor] | None = None,
-                       max_bytes: int | None = None) -> Payload:
+def content_to_payload(
+    content: RecordDict, expected: Mapping[str, torch.Tensor] | None = None, max_bytes: int | None = None
+) -> Payload:
     """The payload in a client's reply. With ``expected`` (the global state), a dict payload must use
     only its keys with its shapes and finite values. With ``max_bytes``, a payload larger than that
     (bytes, or the arrays' total size) is refused before it is decoded.
@@ -88,7 +90,9 @@ def content_to_payload(content: RecordDict, expected: Mapping[str, torch.Tensor]
         return blob
     size = sum(len(a.data) for a in content.array_records[STATE].values())
     if max_bytes is not None and size > max_bytes:
-        raise PayloadTooLargeError(f"'privfl.state' payload: {size} bytes exceed the limit of {max_bytes} bytes")
+        raise PayloadTooLargeError(
+            f"'privfl.state' payload: {size} bytes exceed the limit of {max_bytes} bytes"
+        )
     try:
         update = record_to_state(content.array_records[STATE])
     except Exception as e:  # noqa: BLE001 - any decoding failure is a malformed payload
@@ -101,7 +105,9 @@ def content_to_payload(content: RecordDict, expected: Mapping[str, torch.Tensor]
             raise MalformedPayloadError(f"unknown entries {unknown[:3]} (not in the global model)")
         for k, v in update.items():
             if tuple(v.shape) != tuple(expected[k].shape):
-                raise MalformedPayloadError(f"'{k}' has shape {tuple(v.shape)}, the model's is {tuple(expected[k].shape)}")
+                raise MalformedPayloadError(
+                    f"'{k}' has shape {tuple(v.shape)}, the model's is {tuple(expected[k].shape)}"
+                )
             if v.is_floating_point() and not bool(torch.isfinite(v).all()):
                 raise MalformedPayloadError(f"'{k}' has non-finite values")
     return update
@@ -109,9 +115,14 @@ def content_to_payload(content: RecordDict, expected: Mapping[str, torch.Tensor]
 
 def context_to_record(ctx: RoundContext) -> ConfigRecord:
     """A round context as a ConfigRecord (``extra`` is not sent)."""
-    rec: dict[str, Any] = {"round": ctx.round, "num_clients": ctx.num_clients, "sampled": list(ctx.sampled),
-                           "weights": [float(w) for w in ctx.weights], "seed": int(ctx.seed),
-                           "sampling_rate": float(ctx.sampling_rate)}
+    rec: dict[str, Any] = {
+        "round": ctx.round,
+        "num_clients": ctx.num_clients,
+        "sampled": list(ctx.sampled),
+        "weights": [float(w) for w in ctx.weights],
+        "seed": int(ctx.seed),
+        "sampling_rate": float(ctx.sampling_rate),
+    }
     if ctx.client_id is not None:
         rec["client_id"] = int(ctx.client_id)
     return ConfigRecord(rec)
@@ -145,11 +156,15 @@ def record_to_context(rec: ConfigRecord) -> RoundContext:
         return values
 
     try:
-        return RoundContext(round=int(number("round")), num_clients=int(number("num_clients")),
-                            sampled=tuple(int(c) for c in numbers("sampled")),
-                            weights=tuple(float(w) for w in numbers("weights")),
-                            client_id=int(number("client_id")) if "client_id" in rec else None,
-                            seed=int(number("seed")), sampling_rate=float(number("sampling_rate")))
+        return RoundContext(
+            round=int(number("round")),
+            num_clients=int(number("num_clients")),
+            sampled=tuple(int(c) for c in numbers("sampled")),
+            weights=tuple(float(w) for w in numbers("weights")),
+            client_id=int(number("client_id")) if "client_id" in rec else None,
+            seed=int(number("seed")),
+            sampling_rate=float(number("sampling_rate")),
+        )
     except (TypeError, ValueError) as e:
         if isinstance(e, MalformedPayloadError):
             raise
@@ -162,11 +177,13 @@ def layout_to_record(spec: UpdateSpec) -> ConfigRecord:
 
 
 def record_to_layout(content: RecordDict) -> UpdateSpec:
-    """The masked update's layout in a client's reply."""
+    """The layout of the update in a client's reply whose payload is opaque."""
     rec = content.config_records.get(LAYOUT)
     if rec is None or not isinstance(rec.get("layout"), str):
-        raise MalformedPayloadError("a masked input arrived without its 'privfl.layout'")
+        raise MalformedPayloadError("an opaque payload arrived without its 'privfl.layout'")
     try:
-        return spec_from_fields(json.loads(record_value(rec, "layout", str, "'privfl.layout'")), "'privfl.layout'")
+        return spec_from_fields(
+            json.loads(record_value(rec, "layout", str, "'privfl.layout'")), "'privfl.layout'"
+        )
     except (json.JSONDecodeError, InvalidUpdateError, AttributeError) as e:
         raise MalformedPayloadError(f"bad 'privfl.layout': {e}") from e

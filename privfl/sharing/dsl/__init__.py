@@ -10,10 +10,11 @@ downstream models train on the synthetic data.
 * :mod:`~privfl.sharing.dsl.defense` — clipping + noise on the returned gradients.
 * :mod:`~privfl.sharing.dsl.fid` — FID and Dist-FID from per-site feature statistics.
 * :mod:`~privfl.sharing.dsl.baselines` — FedAvg-GAN.
-* :mod:`~privfl.sharing.dsl.experiment` — the comparison behind ``python -m privfl.bench dsl``.
+* :mod:`~privfl.experiments.dsl` — the comparison behind ``python -m privfl.bench dsl``.
 
 What leaks, and the attacks that measure it: :mod:`privfl.attacks.gradient_sign` (real images from
-the returned gradients) and membership inference on the synthetic data (``experiment``).
+the returned gradients) and membership inference on the synthetic data
+(:mod:`privfl.experiments.dsl`). The method and its threat model: docs/dsl.md.
 """
 
 from privfl.sharing.dsl.defense import ClipAndNoise
@@ -24,6 +25,7 @@ from privfl.sharing.dsl.protocol import (
     DSLSite,
     GradientReply,
     MaskRequest,
+    ReplyDefense,
     SyntheticImages,
     average_gradients,
     modality_weights,
@@ -41,6 +43,7 @@ __all__ = [
     "MaskRequest",
     "MaskToImageGenerator",
     "PatchDiscriminator",
+    "ReplyDefense",
     "SiteData",
     "SyntheticImages",
     "average_gradients",

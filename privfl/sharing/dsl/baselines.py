@@ -18,39 +18,37 @@ import copy
 import math
 import time
 from collections.abc import Mapping, Sequence
+from functools import partial
 
 import torch
 from torch import Tensor, nn
 
-from privfl.sharing.dsl.protocol import DSLServer
-from privfl.sharing.dsl.train import DSLConfig, DSLResult, SiteData, _Run, seeded_rng
+from privfl.fl.rounds import fedavg_round, weighted_sum
 from privfl.progress import progress_bar
+from privfl.seeding import seeded
+from privfl.sharing.dsl.protocol import DSLServer, DSLSite
+from privfl.sharing.dsl.train import DSLConfig, DSLResult, DSLRun, SiteData
 
-__all__ = ["average_states", "train_fedavg_gan"]
+__all__ = ["train_fedavg_gan"]
 
-
-def average_states(states: Sequence[Mapping[str, Tensor]], weights: Sequence[float]) -> dict[str, Tensor]:
-    """Weighted average of ``state_dict``s (weights normalised); integer buffers are rounded."""
-    if not states or len(states) != len(weights):
-        raise ValueError(f"need one weight per state, got {len(states)} states and {len(weights)} weights")
-    w = torch.as_tensor(list(weights), dtype=torch.float64)
-    if (w < 0).any() or w.sum() <= 0:
-        raise ValueError(f"weights must be non-negative with a positive sum, got {list(weights)}")
-    w = w / w.sum()
-    out = {}
-    for key, first in states[0].items():
-        acc = sum(float(wi) * s[key].double() for wi, s in zip(w, states))
-        assert isinstance(acc, Tensor)
-        out[key] = acc.round().to(first.dtype) if not first.is_floating_point() else acc.to(first.dtype)
-    return out
+#: FedAvg-GAN's server average: ``Σ_i w_i·θ_i`` accumulated in float64 (not
+#: :func:`privfl.updates.weighted_mean`, which rounds differently).
+_average = partial(weighted_sum, dtype=torch.float64)
 
 
 def _param_bytes(module: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in module.state_dict().values())
 
 
-def train_fedavg_gan(sites: Sequence[SiteData], config: DSLConfig, *, rounds: int, local_epochs: int = 1,
-                     perceptual: nn.Module | None = None, progress: bool = False) -> DSLResult:
+def train_fedavg_gan(
+    sites: Sequence[SiteData],
+    config: DSLConfig,
+    *,
+    rounds: int,
+    local_epochs: int = 1,
+    perceptual: nn.Module | None = None,
+    progress: bool = False,
+) -> DSLResult:
     """Train FedAvg-GAN (module docstring): ``rounds`` rounds of ``local_epochs`` local epochs per site.
 
     Returns a :class:`~privfl.sharing.dsl.train.DSLResult` with variant ``"FedAvg-GAN"``; its
@@ -59,14 +57,20 @@ def train_fedavg_gan(sites: Sequence[SiteData], config: DSLConfig, *, rounds: in
     """
     if rounds < 1 or local_epochs < 1:
         raise ValueError(f"rounds and local_epochs must be >= 1, got {rounds} and {local_epochs}")
-    with seeded_rng(config.seed, "train_fedavg_gan"):
+    with seeded(config.seed, "train_fedavg_gan", cuda=True):
         return _train_fedavg_gan(sites, config, rounds, local_epochs, perceptual, progress)
 
 
-def _train_fedavg_gan(sites: Sequence[SiteData], config: DSLConfig, rounds: int, local_epochs: int,
-                      perceptual: nn.Module | None, progress: bool) -> DSLResult:
+def _train_fedavg_gan(
+    sites: Sequence[SiteData],
+    config: DSLConfig,
+    rounds: int,
+    local_epochs: int,
+    perceptual: nn.Module | None,
+    progress: bool,
+) -> DSLResult:
     t0 = time.perf_counter()
-    run = _Run(sites, config, perceptual, None, None)
+    run = DSLRun(sites, config, perceptual, None, None)
     device = run.fabric.device
     sizes = [s.size for s in run.sites]
     servers = []
@@ -78,24 +82,35 @@ def _train_fedavg_gan(sites: Sequence[SiteData], config: DSLConfig, rounds: int,
     global_d = {k: copy.deepcopy(d.state_dict()) for s in run.sites for k, d in s.discriminators.items()}
     traffic = {"models_to_server": 0, "models_to_sites": 0}
     marks = [0] * len(run.sites)
+
+    def site_update(
+        global_state: Mapping[str, Tensor], client: tuple[DSLSite, DSLServer]
+    ) -> dict[str, Tensor]:
+        site, server = client  # --- at the site ---
+        server.generator.load_state_dict(global_state)
+        for k, d in site.discriminators.items():
+            d.load_state_dict(global_d[k])
+        traffic["models_to_sites"] += _param_bytes(server.generator) + _param_bytes(site.discriminators)
+        for _ in range(local_epochs * math.ceil(site.size / config.batch_size)):
+            outputs, replies, _ = run.exchange(server, [site])
+            server.step(outputs, replies)
+        traffic["models_to_server"] += _param_bytes(server.generator) + _param_bytes(site.discriminators)
+        return server.generator.state_dict()
+
     with progress_bar(progress, "FedAvg-GAN") as bar:
         task = bar.add_task("FedAvg-GAN", total=rounds, status="")
         for r in range(rounds):
-            for site, server in zip(run.sites, servers):  # --- at each site ---
-                server.generator.load_state_dict(global_g)
-                for k, d in site.discriminators.items():
-                    d.load_state_dict(global_d[k])
-                traffic["models_to_sites"] += _param_bytes(server.generator) + _param_bytes(site.discriminators)
-                for _ in range(local_epochs * math.ceil(site.size / config.batch_size)):
-                    outputs, replies, _ = run.exchange(server, [site])
-                    server.step(outputs, replies)
-                traffic["models_to_server"] += _param_bytes(server.generator) + _param_bytes(site.discriminators)
-            # --- at the server ---
-            global_g = average_states([s.generator.state_dict() for s in servers], sizes)
+            global_g = fedavg_round(
+                global_g, list(zip(run.sites, servers)), site_update, sizes, average=_average
+            )  # every site in turn, then the server
+            # --- at the server: each modality's discriminator over the sites holding it ---
             for k in global_d:
-                holders = [(s.discriminators[k].state_dict(), n) for s, n in zip(run.sites, sizes)
-                           if k in s.discriminators]
-                global_d[k] = average_states([h for h, _ in holders], [n for _, n in holders])
+                holders = [
+                    (s.discriminators[k].state_dict(), n)
+                    for s, n in zip(run.sites, sizes)
+                    if k in s.discriminators
+                ]
+                global_d[k] = _average([h for h, _ in holders], [n for _, n in holders])
             marks = run.log_epoch(r, None, run.sites, marks)
             bar.update(task, advance=1, status=f"round {r + 1}")
     run.generator.load_state_dict(global_g)

@@ -27,7 +27,8 @@ __all__ = ["ClipAndNoise"]
 
 
 class ClipAndNoise:
-    """Per-image L2 clipping to ``clip`` and Gaussian noise of std ``noise_multiplier·clip`` on a returned gradient.
+    """Per-image L2 clipping to ``clip`` and Gaussian noise of std ``noise_multiplier·clip`` on a returned
+    gradient.
 
     Args:
         clip: L2 bound ``C`` of each image's gradient (units of the loss per unit of pixel intensity).
@@ -44,14 +45,22 @@ class ClipAndNoise:
         self.noise = noise or default_noise()
 
     def __call__(self, grad: Tensor, key: tuple = ()) -> Tensor:
-        """The defended gradient for ``grad`` ``(B, C, H, W)`` of a batch-mean loss; ``key`` names the noise draw."""
+        """The defended gradient for ``grad`` ``(B, C, H, W)`` of a batch-mean loss; ``key`` names the noise
+        draw."""
         b = grad.shape[0]
         per_image = grad * b
         norms = per_image.flatten(1).norm(dim=1).clamp_min(1e-12)
         clipped = per_image * (self.clip / norms).clamp(max=1.0).view(-1, *[1] * (grad.ndim - 1))
-        noise = self.noise.gaussian(grad.shape, self.noise_multiplier * self.clip, key=("dsl-reply", *key),
-                                    dtype=grad.dtype, device=grad.device)
+        noise = self.noise.gaussian(
+            grad.shape,
+            self.noise_multiplier * self.clip,
+            key=("dsl-reply", *key),
+            dtype=grad.dtype,
+            device=grad.device,
+        )
         return (clipped + noise) / b
 
     def __repr__(self) -> str:
-        return f"ClipAndNoise(clip={self.clip}, noise_multiplier={self.noise_multiplier}, noise={self.noise!r})"
+        return (
+            f"ClipAndNoise(clip={self.clip}, noise_multiplier={self.noise_multiplier}, noise={self.noise!r})"
+        )

@@ -43,7 +43,15 @@ from torch.utils.data import DataLoader, Dataset
 
 from privfl.sharing.embeddings import dhunet_encoder, timm_encoder
 
-__all__ = ["FeatureStats", "dist_fid", "feature_stats", "fid", "fid_extractor", "frechet_distance", "pooled_stats"]
+__all__ = [
+    "FeatureStats",
+    "dist_fid",
+    "feature_stats",
+    "fid",
+    "fid_extractor",
+    "frechet_distance",
+    "pooled_stats",
+]
 
 
 @dataclass(frozen=True, eq=False)
@@ -122,7 +130,7 @@ def _image_batches(images: Tensor | Dataset, batch_size: int) -> Iterator[Tensor
         if images.ndim != 4:
             raise ValueError(f"images must be a (N, C, H, W) tensor, got shape {tuple(images.shape)}")
         for start in range(0, images.shape[0], batch_size):
-            yield images[start:start + batch_size]
+            yield images[start : start + batch_size]
         return
     for batch in DataLoader(images, batch_size=batch_size, shuffle=False, num_workers=0):
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
@@ -186,8 +194,8 @@ def frechet_distance(a: FeatureStats, b: FeatureStats, *, eps: float = 1e-6) -> 
     pytorch-fid computes it. If the product ``S_a S_b`` is (near-)singular, e.g. with fewer images
     than feature dimensions, and ``sqrtm`` returns non-finite values or an inaccurate root, the root
     is recomputed with ``eps * I`` added to both covariances (a ``RuntimeWarning`` if that root
-    is still inaccurate). A negligible imaginary part of the root (numerical noise) is dropped. The result is clipped at 0. Symmetric in ``a`` and ``b``
-    up to rounding.
+    is still inaccurate). A negligible imaginary part of the root (numerical noise) is dropped. The result is
+    clipped at 0. Symmetric in ``a`` and ``b`` up to rounding.
 
     Args:
         a: first statistics (e.g. real).
@@ -223,8 +231,11 @@ def frechet_distance(a: FeatureStats, b: FeatureStats, *, eps: float = 1e-6) -> 
         offset = np.eye(a.dim) * eps
         covmean, ok = root(s_a + offset, s_b + offset)
     if not ok:
-        warnings.warn("the matrix square root of the covariance product is inaccurate; the FID may be off",
-                      RuntimeWarning, stacklevel=2)
+        warnings.warn(
+            "the matrix square root of the covariance product is inaccurate; the FID may be off",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     if not np.isfinite(covmean).all():
         raise ValueError("the matrix square root of the covariance product is not finite")
     if np.iscomplexobj(covmean):

@@ -24,13 +24,16 @@ __all__ = ["MaskToImageGenerator", "PatchDiscriminator", "one_hot_mask"]
 
 
 def one_hot_mask(mask: Tensor, num_classes: int) -> Tensor:
-    """``(B, H, W)`` integer labels → ``(B, num_classes, H, W)`` float one-hot (a float ``(B, C, H, W)`` passes through)."""
+    """``(B, H, W)`` integer labels → ``(B, num_classes, H, W)`` float one-hot (a float ``(B, C, H, W)``
+    passes through)."""
     if mask.ndim == 4:
         if mask.shape[1] != num_classes:
             raise ValueError(f"one-hot mask has {mask.shape[1]} channels, expected {num_classes}")
         return mask.float()
     if mask.ndim != 3:
-        raise ValueError(f"mask must be (B, H, W) labels or (B, C, H, W) one-hot, got shape {tuple(mask.shape)}")
+        raise ValueError(
+            f"mask must be (B, H, W) labels or (B, C, H, W) one-hot, got shape {tuple(mask.shape)}"
+        )
     return F.one_hot(mask.long(), num_classes).permute(0, 3, 1, 2).float()
 
 
@@ -43,8 +46,12 @@ def _positive(**values: int) -> None:
 class _ResidualBlock(nn.Module):
     def __init__(self, dim: int, dropout: float) -> None:
         super().__init__()
-        layers: list[nn.Module] = [nn.ReflectionPad2d(1), nn.Conv2d(dim, dim, 3, bias=False), nn.BatchNorm2d(dim),
-                                   nn.ReLU(True)]
+        layers: list[nn.Module] = [
+            nn.ReflectionPad2d(1),
+            nn.Conv2d(dim, dim, 3, bias=False),
+            nn.BatchNorm2d(dim),
+            nn.ReLU(True),
+        ]
         if dropout > 0:
             layers.append(nn.Dropout(dropout))
         layers += [nn.ReflectionPad2d(1), nn.Conv2d(dim, dim, 3, bias=False), nn.BatchNorm2d(dim)]
@@ -67,8 +74,15 @@ class MaskToImageGenerator(nn.Module):
     ``H`` and ``W`` must be multiples of 4.
     """
 
-    def __init__(self, num_classes: int = 4, modalities: int = 1, *, ngf: int = 64, n_blocks: int = 9,
-                 dropout: float = 0.5) -> None:
+    def __init__(
+        self,
+        num_classes: int = 4,
+        modalities: int = 1,
+        *,
+        ngf: int = 64,
+        n_blocks: int = 9,
+        dropout: float = 0.5,
+    ) -> None:
         super().__init__()
         _positive(num_classes=num_classes, modalities=modalities, ngf=ngf)
         if int(n_blocks) != n_blocks or n_blocks < 0:
@@ -76,21 +90,33 @@ class MaskToImageGenerator(nn.Module):
         if not 0 <= dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         self.num_classes, self.modalities = int(num_classes), int(modalities)
-        layers: list[nn.Module] = [nn.ReflectionPad2d(3), nn.Conv2d(num_classes, ngf, 7, bias=False),
-                                   nn.BatchNorm2d(ngf), nn.ReLU(True)]
+        layers: list[nn.Module] = [
+            nn.ReflectionPad2d(3),
+            nn.Conv2d(num_classes, ngf, 7, bias=False),
+            nn.BatchNorm2d(ngf),
+            nn.ReLU(True),
+        ]
         for mult in (1, 2):
-            layers += [nn.Conv2d(ngf * mult, ngf * mult * 2, 3, stride=2, padding=1, bias=False),
-                       nn.BatchNorm2d(ngf * mult * 2), nn.ReLU(True)]
+            layers += [
+                nn.Conv2d(ngf * mult, ngf * mult * 2, 3, stride=2, padding=1, bias=False),
+                nn.BatchNorm2d(ngf * mult * 2),
+                nn.ReLU(True),
+            ]
         layers += [_ResidualBlock(ngf * 4, dropout) for _ in range(int(n_blocks))]
         for mult in (4, 2):
-            layers += [nn.ConvTranspose2d(ngf * mult, ngf * mult // 2, 3, stride=2, padding=1, output_padding=1,
-                                          bias=False),
-                       nn.BatchNorm2d(ngf * mult // 2), nn.ReLU(True)]
+            layers += [
+                nn.ConvTranspose2d(
+                    ngf * mult, ngf * mult // 2, 3, stride=2, padding=1, output_padding=1, bias=False
+                ),
+                nn.BatchNorm2d(ngf * mult // 2),
+                nn.ReLU(True),
+            ]
         layers += [nn.ReflectionPad2d(3), nn.Conv2d(ngf, 3 * self.modalities, 7), nn.Tanh()]
         self.net = nn.Sequential(*layers)
 
     def forward(self, mask: Tensor) -> Tensor:
-        """Images ``(B, 3·M, H, W)`` in [0, 1] for masks ``(B, H, W)`` (labels) or ``(B, C, H, W)`` (one-hot)."""
+        """Images ``(B, 3·M, H, W)`` in [0, 1] for masks ``(B, H, W)`` (labels) or ``(B, C, H, W)``
+        (one-hot)."""
         x = one_hot_mask(mask, self.num_classes).to(next(self.parameters()).dtype)
         if x.shape[-1] % 4 or x.shape[-2] % 4:
             raise ValueError(f"mask height and width must be multiples of 4, got {tuple(x.shape[-2:])}")
@@ -107,18 +133,25 @@ class PatchDiscriminator(nn.Module):
         n_layers: stride-2 layers (3 gives the 70×70 receptive field).
     """
 
-    def __init__(self, num_classes: int = 4, image_channels: int = 3, *, ndf: int = 64, n_layers: int = 3) -> None:
+    def __init__(
+        self, num_classes: int = 4, image_channels: int = 3, *, ndf: int = 64, n_layers: int = 3
+    ) -> None:
         super().__init__()
         _positive(num_classes=num_classes, image_channels=image_channels, ndf=ndf, n_layers=n_layers)
         self.num_classes = int(num_classes)
-        layers: list[nn.Module] = [nn.Conv2d(image_channels + num_classes, ndf, 4, stride=2, padding=1),
-                                   nn.LeakyReLU(0.2, True)]
+        layers: list[nn.Module] = [
+            nn.Conv2d(image_channels + num_classes, ndf, 4, stride=2, padding=1),
+            nn.LeakyReLU(0.2, True),
+        ]
         mult = 1
         for n in range(1, int(n_layers) + 1):
-            prev, mult = mult, min(2 ** n, 8)
+            prev, mult = mult, min(2**n, 8)
             stride = 2 if n < n_layers else 1
-            layers += [nn.Conv2d(ndf * prev, ndf * mult, 4, stride=stride, padding=1, bias=False),
-                       nn.BatchNorm2d(ndf * mult), nn.LeakyReLU(0.2, True)]
+            layers += [
+                nn.Conv2d(ndf * prev, ndf * mult, 4, stride=stride, padding=1, bias=False),
+                nn.BatchNorm2d(ndf * mult),
+                nn.LeakyReLU(0.2, True),
+            ]
         layers.append(nn.Conv2d(ndf * mult, 1, 4, stride=1, padding=1))
         self.net = nn.Sequential(*layers)
 

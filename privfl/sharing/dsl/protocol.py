@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from privfl.errors import PrivflError
+from privfl.seeding import torch_seeded
 from privfl.sharing.dsl.networks import MaskToImageGenerator, PatchDiscriminator
 
 __all__ = [
@@ -41,6 +42,7 @@ __all__ = [
     "DSLSite",
     "GradientReply",
     "MaskRequest",
+    "ReplyDefense",
     "SyntheticImages",
     "average_gradients",
     "message_bytes",
@@ -57,8 +59,10 @@ def _check_tensor(what: str, tensor: Tensor, shape: tuple[int, ...]) -> None:
     if tuple(tensor.shape) != shape:
         raise DSLProtocolError(f"{what}: shape {tuple(tensor.shape)}, expected {shape}")
     if not torch.isfinite(tensor).all():
-        raise DSLProtocolError(f"{what}: non-finite values ({int(torch.isnan(tensor).sum())} NaN, "
-                               f"{int(torch.isinf(tensor).sum())} Inf)")
+        raise DSLProtocolError(
+            f"{what}: non-finite values ({int(torch.isnan(tensor).sum())} NaN, "
+            f"{int(torch.isinf(tensor).sum())} Inf)"
+        )
 
 
 @dataclass(frozen=True)
@@ -129,8 +133,10 @@ def average_gradients(outputs: Sequence[Tensor], grads: Sequence[Tensor], weight
         weights: ``(S, M)`` from :func:`modality_weights`.
     """
     if not (len(outputs) == len(grads) == weights.shape[0]):
-        raise ValueError(f"need one output and one gradient per site: {len(outputs)} outputs, {len(grads)} "
-                         f"gradients, {weights.shape[0]} weight rows")
+        raise ValueError(
+            f"need one output and one gradient per site: {len(outputs)} outputs, {len(grads)} "
+            f"gradients, {weights.shape[0]} weight rows"
+        )
     scaled = []
     for out, g, w in zip(outputs, grads, weights):
         if g.shape != out.shape:
@@ -140,7 +146,15 @@ def average_gradients(outputs: Sequence[Tensor], grads: Sequence[Tensor], weight
     torch.autograd.backward(list(outputs), scaled)
 
 
-Defense = Callable[[Tensor, tuple], Tensor]
+ReplyDefense = Callable[[Tensor, tuple], Tensor]
+"""A site-side transform of DSL's gradient reply: ``defense(grad, key) -> grad`` before it is sent
+(e.g. :class:`~privfl.sharing.dsl.defense.ClipAndNoise`); ``key`` is ``(site, reply number)``, to
+name the noise draw.
+
+Not a :class:`privfl.defenses.base.Defense`: that protects a client's *model update* in FedAvg
+(it sees state-dict updates and can aggregate them at the server); this one sees one tensor, the
+gradient of a site's loss with respect to the synthetic images it was sent, and acts on the site
+alone."""
 
 
 @dataclass
@@ -172,14 +186,33 @@ class DSLSite:
         seed: the site's batch order and discriminator initialisation.
     """
 
-    def __init__(self, site: int, images: Tensor, masks: Tensor, available: Sequence[bool], *, num_classes: int = 4,
-                 ndf: int = 64, d_layers: int = 3, lr: float = 2e-4, beta1: float = 0.5, lambda_l1: float = 100.0,
-                 lambda_perceptual: float = 0.0, perceptual: nn.Module | None = None, defense: Defense | None = None,
-                 seed: int = 0) -> None:
-        if images.ndim != 4 or images.shape[1] != 3 * len(available) or masks.shape != (images.shape[0],
-                                                                                        *images.shape[2:]):
-            raise ValueError(f"site {site}: images must be (N, 3·{len(available)}, H, W) and masks (N, H, W), got "
-                             f"{tuple(images.shape)} and {tuple(masks.shape)}")
+    def __init__(
+        self,
+        site: int,
+        images: Tensor,
+        masks: Tensor,
+        available: Sequence[bool],
+        *,
+        num_classes: int = 4,
+        ndf: int = 64,
+        d_layers: int = 3,
+        lr: float = 2e-4,
+        beta1: float = 0.5,
+        lambda_l1: float = 100.0,
+        lambda_perceptual: float = 0.0,
+        perceptual: nn.Module | None = None,
+        defense: ReplyDefense | None = None,
+        seed: int = 0,
+    ) -> None:
+        if (
+            images.ndim != 4
+            or images.shape[1] != 3 * len(available)
+            or masks.shape != (images.shape[0], *images.shape[2:])
+        ):
+            raise ValueError(
+                f"site {site}: images must be (N, 3·{len(available)}, H, W) and masks (N, H, W), got "
+                f"{tuple(images.shape)} and {tuple(masks.shape)}"
+            )
         if not len(images):
             raise ValueError(f"site {site} has no images")
         if not any(available):
@@ -188,14 +221,21 @@ class DSLSite:
             raise ValueError("lambda_perceptual > 0 needs a perceptual feature extractor")
         self.site, self.images, self.masks = int(site), images, masks.long()
         self.available = tuple(bool(a) for a in available)
-        self.lambda_l1, self.lambda_perceptual, self.perceptual = float(lambda_l1), float(lambda_perceptual), perceptual
+        self.lambda_l1, self.lambda_perceptual, self.perceptual = (
+            float(lambda_l1),
+            float(lambda_perceptual),
+            perceptual,
+        )
         self.defense = defense
         gen = torch.Generator().manual_seed(seed)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            self.discriminators = nn.ModuleDict({
-                str(k): PatchDiscriminator(num_classes, 3, ndf=ndf, n_layers=d_layers).to(images.device)
-                for k, has in enumerate(self.available) if has})
+        with torch_seeded(seed):
+            self.discriminators = nn.ModuleDict(
+                {
+                    str(k): PatchDiscriminator(num_classes, 3, ndf=ndf, n_layers=d_layers).to(images.device)
+                    for k, has in enumerate(self.available)
+                    if has
+                }
+            )
         self.optimizer = torch.optim.Adam(self.discriminators.parameters(), lr=lr, betas=(beta1, 0.999))
         self._gen = gen
         self._order: list[int] = []
@@ -230,8 +270,11 @@ class DSLSite:
             l1_total = l1_total + l1.detach()
             if self.lambda_perceptual:
                 assert self.perceptual is not None
-                total = total + self.lambda_perceptual * (self.perceptual(fake[:, c]) - self.perceptual(real[:, c])
-                                                          ).abs().mean()
+                total = (
+                    total
+                    + self.lambda_perceptual
+                    * (self.perceptual(fake[:, c]) - self.perceptual(real[:, c])).abs().mean()
+                )
         return total, l1_total
 
     def _update_discriminators(self, fake: Tensor, real: Tensor, masks: Tensor) -> float:
@@ -240,8 +283,10 @@ class DSLSite:
         for key, disc in self.discriminators.items():
             c = slice(3 * int(key), 3 * int(key) + 3)
             lr_, lf = disc(real[:, c], masks), disc(fake[:, c], masks)
-            loss = loss + 0.5 * (F.binary_cross_entropy_with_logits(lr_, torch.ones_like(lr_))
-                                 + F.binary_cross_entropy_with_logits(lf, torch.zeros_like(lf)))
+            loss = loss + 0.5 * (
+                F.binary_cross_entropy_with_logits(lr_, torch.ones_like(lr_))
+                + F.binary_cross_entropy_with_logits(lf, torch.zeros_like(lf))
+            )
         loss.backward()
         self.optimizer.step()
         return float(loss.detach())
@@ -286,8 +331,9 @@ class DSLServer:
         beta1: Adam β₁.
     """
 
-    def __init__(self, generator: MaskToImageGenerator, weights: Tensor, *, lr: float = 2e-4, beta1: float = 0.5
-                 ) -> None:
+    def __init__(
+        self, generator: MaskToImageGenerator, weights: Tensor, *, lr: float = 2e-4, beta1: float = 0.5
+    ) -> None:
         self.generator = generator
         self.weights = weights
         self.optimizer = torch.optim.Adam(generator.parameters(), lr=lr, betas=(beta1, 0.999))
@@ -298,8 +344,9 @@ class DSLServer:
         out = self.generator(request.masks)
         return SyntheticImages(request.site, out.detach()), out
 
-    def step(self, outputs: Sequence[Tensor], replies: Sequence[GradientReply], extra_loss: Tensor | None = None
-             ) -> None:
+    def step(
+        self, outputs: Sequence[Tensor], replies: Sequence[GradientReply], extra_loss: Tensor | None = None
+    ) -> None:
         """One generator update from the sites' replies (in site order), plus an optional server-side loss.
 
         Every reply is checked (shape of its output, finite values) before anything is applied.

@@ -28,8 +28,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,20 +37,31 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from privfl.seeding import derive_seed
+from privfl.fl.device import make_fabric
+from privfl.progress import progress_bar
+from privfl.seeding import derive_seed, seeded, torch_generator, torch_seeded
 from privfl.sharing.dsl.networks import MaskToImageGenerator
 from privfl.sharing.dsl.protocol import (
     DSLServer,
     DSLSite,
     GradientReply,
     MaskRequest,
+    ReplyDefense,
     SyntheticImages,
     message_bytes,
     modality_weights,
 )
-from privfl.progress import progress_bar
 
-__all__ = ["DSLConfig", "DSLResult", "Observer", "SiteData", "synthesize", "train_cl_dsl", "train_dsl"]
+__all__ = [
+    "DSLConfig",
+    "DSLResult",
+    "DSLRun",
+    "Observer",
+    "SiteData",
+    "synthesize",
+    "train_cl_dsl",
+    "train_dsl",
+]
 
 Observer = Callable[[MaskRequest, SyntheticImages, GradientReply], None]
 
@@ -154,29 +164,24 @@ class DSLResult:
     seconds: float = 0.0
 
 
-@contextmanager
-def seeded_rng(seed: int, *key: object) -> Iterator[None]:
-    """Run a block under the global torch RNG seeded with ``derive_seed(seed, *key)`` (dropout, batch
-    draws), restoring the caller's RNG state afterwards: a run does not depend on what ran before it."""
-    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(derive_seed(seed, *(str(k) for k in key)))
-        yield
-
-
 def _variant(available: Sequence[tuple[bool, ...]]) -> str:
     if len(available[0]) == 1:
         return "DSL"
     return "MM-DSL" if all(all(a) for a in available) else "Hetero-MM-DSL"
 
 
-class _Run:
-    """Shared set-up of the loops: device, generator, sites, traffic counters."""
+class DSLRun:
+    """Shared set-up of the training loops here and of FedAvg-GAN (:mod:`privfl.sharing.dsl.baselines`):
+    device, generator, sites, traffic counters, the exchange and the per-epoch log."""
 
-    def __init__(self, sites: Sequence[SiteData], config: DSLConfig, perceptual: nn.Module | None,
-                 defense: Callable[[Tensor, tuple], Tensor] | None, observer: Observer | None) -> None:
-        from privfl.fl.device import make_fabric
-
+    def __init__(
+        self,
+        sites: Sequence[SiteData],
+        config: DSLConfig,
+        perceptual: nn.Module | None,
+        defense: ReplyDefense | None,
+        observer: Observer | None,
+    ) -> None:
         if not sites:
             raise ValueError("need at least one site")
         m = len(config.modalities)
@@ -190,22 +195,36 @@ class _Run:
             perceptual = perceptual.to(device).eval()
             for p in perceptual.parameters():
                 p.requires_grad_(False)
-        self.sites = [DSLSite(j, s.images.to(device), s.masks.to(device), self.available[j],
-                              num_classes=config.num_classes, ndf=config.ndf, d_layers=config.d_layers, lr=config.lr,
-                              beta1=config.beta1, lambda_l1=config.lambda_l1,
-                              lambda_perceptual=config.lambda_perceptual, perceptual=perceptual, defense=defense,
-                              seed=derive_seed(config.seed, "dsl-site", j))
-                      for j, s in enumerate(sites)]
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(derive_seed(config.seed, "dsl-generator"))
-            self.generator = MaskToImageGenerator(config.num_classes, m, ngf=config.ngf, n_blocks=config.n_blocks,
-                                                  dropout=config.dropout).to(device)
+        self.sites = [
+            DSLSite(
+                j,
+                s.images.to(device),
+                s.masks.to(device),
+                self.available[j],
+                num_classes=config.num_classes,
+                ndf=config.ndf,
+                d_layers=config.d_layers,
+                lr=config.lr,
+                beta1=config.beta1,
+                lambda_l1=config.lambda_l1,
+                lambda_perceptual=config.lambda_perceptual,
+                perceptual=perceptual,
+                defense=defense,
+                seed=derive_seed(config.seed, "dsl-site", j),
+            )
+            for j, s in enumerate(sites)
+        ]
+        with seeded(config.seed, "dsl-generator"):
+            self.generator = MaskToImageGenerator(
+                config.num_classes, m, ngf=config.ngf, n_blocks=config.n_blocks, dropout=config.dropout
+            ).to(device)
         self.traffic = {"masks_to_server": 0, "images_to_sites": 0, "gradients_to_server": 0}
         self.messages = 0
         self.history: list[dict[str, Any]] = []
 
-    def exchange(self, server: DSLServer, sites: Sequence[DSLSite]) -> tuple[list[Tensor], list[GradientReply],
-                                                                               list[MaskRequest]]:
+    def exchange(
+        self, server: DSLServer, sites: Sequence[DSLSite]
+    ) -> tuple[list[Tensor], list[GradientReply], list[MaskRequest]]:
         """One round trip with each of ``sites``: masks in, synthetic images out, gradients back."""
         outputs, replies, requests = [], [], []
         for site in sites:
@@ -216,8 +235,11 @@ class _Run:
             reply = site.respond(synthetic)
             if self.observer is not None:
                 self.observer(request, synthetic, reply)
-            for key, msg in (("masks_to_server", request), ("images_to_sites", synthetic),
-                             ("gradients_to_server", reply)):
+            for key, msg in (
+                ("masks_to_server", request),
+                ("images_to_sites", synthetic),
+                ("gradients_to_server", reply),
+            ):
                 self.traffic[key] += message_bytes(msg)
             self.messages += 1
             outputs.append(out.float())
@@ -225,25 +247,44 @@ class _Run:
             requests.append(request)
         return outputs, replies, requests
 
-    def log_epoch(self, epoch: int, stage: int | None, sites: Sequence[DSLSite], marks: list[int]) -> list[int]:
+    def log_epoch(
+        self, epoch: int, stage: int | None, sites: Sequence[DSLSite], marks: list[int]
+    ) -> list[int]:
         """Append the epoch's mean site losses since ``marks`` (per-site list lengths); return new marks."""
         rec: dict[str, Any] = {"epoch": epoch, "stage": stage}
         for key, attr in (("g_loss", "generator"), ("l1", "l1"), ("d_loss", "discriminator")):
-            rec[key] = [float(np.mean(values[mk:])) if len(values := getattr(s.losses, attr)) > mk else float("nan")
-                        for s, mk in zip(sites, marks)]
+            rec[key] = [
+                float(np.mean(values[mk:])) if len(values := getattr(s.losses, attr)) > mk else float("nan")
+                for s, mk in zip(sites, marks)
+            ]
         self.history.append(rec)
         return [len(s.losses.generator) for s in sites]
 
     def result(self, variant: str, t0: float) -> DSLResult:
+        """The finished run as a :class:`DSLResult` (generator on the CPU in eval mode; ``t0`` is the
+        ``time.perf_counter()`` of the run's start)."""
         generator = self.generator.cpu().eval()
-        return DSLResult(generator=generator, variant=variant, modalities=self.config.modalities,
-                         available=self.available, history=self.history, traffic=dict(self.traffic),
-                         messages=self.messages, seconds=time.perf_counter() - t0)
+        return DSLResult(
+            generator=generator,
+            variant=variant,
+            modalities=self.config.modalities,
+            available=self.available,
+            history=self.history,
+            traffic=dict(self.traffic),
+            messages=self.messages,
+            seconds=time.perf_counter() - t0,
+        )
 
 
-def train_dsl(sites: Sequence[SiteData], config: DSLConfig, *, perceptual: nn.Module | None = None,
-              defense: Callable[[Tensor, tuple], Tensor] | None = None, observer: Observer | None = None,
-              progress: bool = False) -> DSLResult:
+def train_dsl(
+    sites: Sequence[SiteData],
+    config: DSLConfig,
+    *,
+    perceptual: nn.Module | None = None,
+    defense: ReplyDefense | None = None,
+    observer: Observer | None = None,
+    progress: bool = False,
+) -> DSLResult:
     """Train DSL, MM-DSL or Hetero-MM-DSL (chosen by the sites' availability; module docstring).
 
     Args:
@@ -258,17 +299,24 @@ def train_dsl(sites: Sequence[SiteData], config: DSLConfig, *, perceptual: nn.Mo
     Deterministic for a given ``config.seed`` on CPU (the global RNG is seeded for the run and
     restored afterwards), except for the noise of a secure ``defense``.
     """
-    with seeded_rng(config.seed, "train_dsl"):
+    with seeded(config.seed, "train_dsl", cuda=True):
         return _train_dsl(sites, config, perceptual, defense, observer, progress)
 
 
-def _train_dsl(sites: Sequence[SiteData], config: DSLConfig, perceptual: nn.Module | None,
-               defense: Callable[[Tensor, tuple], Tensor] | None, observer: Observer | None,
-               progress: bool) -> DSLResult:
+def _train_dsl(
+    sites: Sequence[SiteData],
+    config: DSLConfig,
+    perceptual: nn.Module | None,
+    defense: ReplyDefense | None,
+    observer: Observer | None,
+    progress: bool,
+) -> DSLResult:
     t0 = time.perf_counter()
-    run = _Run(sites, config, perceptual, defense, observer)
+    run = DSLRun(sites, config, perceptual, defense, observer)
     weights = modality_weights([s.size for s in run.sites], run.available)
-    server = DSLServer(run.generator, weights.to(run.fabric.device, torch.float32), lr=config.lr, beta1=config.beta1)
+    server = DSLServer(
+        run.generator, weights.to(run.fabric.device, torch.float32), lr=config.lr, beta1=config.beta1
+    )
     iters = math.ceil(max(s.size for s in run.sites) / config.batch_size)
     variant = _variant(run.available)
     marks = [0] * len(run.sites)
@@ -283,27 +331,38 @@ def _train_dsl(sites: Sequence[SiteData], config: DSLConfig, perceptual: nn.Modu
     return run.result(variant, t0)
 
 
-def train_cl_dsl(sites: Sequence[SiteData], config: DSLConfig, *, perceptual: nn.Module | None = None,
-                 defense: Callable[[Tensor, tuple], Tensor] | None = None, observer: Observer | None = None,
-                 progress: bool = False) -> DSLResult:
+def train_cl_dsl(
+    sites: Sequence[SiteData],
+    config: DSLConfig,
+    *,
+    perceptual: nn.Module | None = None,
+    defense: ReplyDefense | None = None,
+    observer: Observer | None = None,
+    progress: bool = False,
+) -> DSLResult:
     """Train CL-DSL: sites in the given order, ``config.epochs`` epochs each (module docstring).
 
     Arguments as for :func:`train_dsl`. The server keeps every mask it received (it needs earlier
     sites' masks for the reminding loss after those sites have left). Seeded as :func:`train_dsl`.
     """
-    with seeded_rng(config.seed, "train_cl_dsl"):
+    with seeded(config.seed, "train_cl_dsl", cuda=True):
         return _train_cl_dsl(sites, config, perceptual, defense, observer, progress)
 
 
-def _train_cl_dsl(sites: Sequence[SiteData], config: DSLConfig, perceptual: nn.Module | None,
-                  defense: Callable[[Tensor, tuple], Tensor] | None, observer: Observer | None,
-                  progress: bool) -> DSLResult:
+def _train_cl_dsl(
+    sites: Sequence[SiteData],
+    config: DSLConfig,
+    perceptual: nn.Module | None,
+    defense: ReplyDefense | None,
+    observer: Observer | None,
+    progress: bool,
+) -> DSLResult:
     t0 = time.perf_counter()
-    run = _Run(sites, config, perceptual, defense, observer)
+    run = DSLRun(sites, config, perceptual, defense, observer)
     device = run.fabric.device
     kept: list[Tensor] = []
     previous: MaskToImageGenerator | None = None
-    gen = torch.Generator().manual_seed(derive_seed(config.seed, "cl-dsl-remind"))
+    gen = torch_generator(config.seed, "cl-dsl-remind")
     with progress_bar(progress, "CL-DSL") as bar:
         task = bar.add_task("CL-DSL", total=config.epochs * len(run.sites), status="")
         epoch_no = 0
@@ -338,8 +397,14 @@ def _train_cl_dsl(sites: Sequence[SiteData], config: DSLConfig, perceptual: nn.M
     return run.result("CL-DSL", t0)
 
 
-def synthesize(generator: MaskToImageGenerator, masks: Tensor, *, batch_size: int = 32, seed: int = 0,
-               stochastic: bool = True) -> Tensor:
+def synthesize(
+    generator: MaskToImageGenerator,
+    masks: Tensor,
+    *,
+    batch_size: int = 32,
+    seed: int = 0,
+    stochastic: bool = True,
+) -> Tensor:
     """Synthetic images ``(N, 3·M, H, W)`` in [0, 1] for masks ``(N, H, W)``, on the generator's device.
 
     BatchNorm uses its running statistics; dropout stays on when ``stochastic`` (pix2pix's test-time
@@ -352,9 +417,8 @@ def synthesize(generator: MaskToImageGenerator, masks: Tensor, *, batch_size: in
             if isinstance(mod, nn.Dropout):
                 mod.train()
     out = []
-    with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
+    with torch.no_grad(), torch_seeded(seed, device=device):
         for i in range(0, len(masks), batch_size):
-            out.append(generator(masks[i:i + batch_size].to(device)).float())
+            out.append(generator(masks[i : i + batch_size].to(device)).float())
     generator.eval()
     return torch.cat(out) if out else torch.empty(0, 3 * generator.modalities, *masks.shape[-2:])
