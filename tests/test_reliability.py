@@ -11,7 +11,7 @@ import copy
 import numpy as np
 import pytest
 import torch
-from helpers import ctx_for as _ctx
+from helpers import ctx_for
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -54,13 +54,13 @@ def test_bad_update_is_refused_naming_client_and_entry_and_nothing_is_applied(ba
     before = copy.deepcopy(server.global_state)
     good = {"w": torch.ones(3, 4)}
     with pytest.raises(InvalidUpdateError, match=f"client 1: update\\[.*{reason}"):
-        server.aggregate([good, bad], _ctx())
+        server.aggregate([good, bad], ctx_for(2))
     assert all(torch.equal(before[k], server.global_state[k]) for k in before)
 
 
 def test_defenses_refuse_non_finite_and_integer_updates_before_noising():
     pipe = Compose(ClipUpdate(1.0), GaussianMechanism(noise_multiplier=1.0, noise=SeededNoise(0)))
-    ctx = _ctx().for_client(0)
+    ctx = ctx_for(2).for_client(0)
     with pytest.raises(InvalidUpdateError, match="NaN or inf"):
         pipe.protect({"w": torch.tensor([1.0, float("nan")])}, ctx)
     with pytest.raises(InvalidUpdateError, match="only floating entries"):
@@ -203,7 +203,7 @@ def test_secagg_replayed_and_oversized_inputs():
         server.receive_masked_input(inputs[1] + b"\x00" * 8)
     # the defense: a size limit checked before parsing
     sa = SecureAggregation(2, clip_range=1.0, max_payload_bytes=100)
-    ctx = _ctx(3)
+    ctx = ctx_for(3)
     sa.before_round(ctx)
     payloads = [sa.protect({"w": torch.zeros(50)}, ctx.for_client(c)) for c in range(3)]
     with pytest.raises(PayloadTooLargeError, match="masked input of client 0"):
@@ -309,11 +309,13 @@ def test_every_row_of_the_reliability_table_names_tests_that_exist():
     assert len(rows) >= 15
     defined = {
         m
-        for f in (root / "tests").glob("test_*.py")
+        for f in (root / "tests").rglob("test_*.py")
         for m in re.findall(r"^def (test_\w+)", f.read_text(), re.M)
     }
     for row in rows:
-        named = re.findall(r"`(test_\w+)`", row) + re.findall(r"`tests/(test_\w+)\.py`", row)
-        assert named, f"row without a test: {row[:80]}"
-        missing = [t for t in named if t not in defined and not (root / "tests" / f"{t}.py").exists()]
+        tests = re.findall(r"`(test_\w+)`", row)
+        files = re.findall(r"`tests/([\w/]+)\.py`", row)
+        assert tests or files, f"row without a test: {row[:80]}"
+        missing = [t for t in tests if t not in defined]
+        missing += [f for f in files if not (root / "tests" / f"{f}.py").exists()]
         assert not missing, f"{missing} named in docs/reliability.md do not exist"

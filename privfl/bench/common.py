@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from rich.console import Console
 
+from privfl.defenses.rng import SeededNoise
+
 
 def default_out(job: str) -> Path:
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -71,6 +73,61 @@ def finish(args: Any, console: Any, out: Path, record: dict[str, Any]) -> int:
     if getattr(args, "json", False):
         print_json(record)
     return 0
+
+
+def args_record(args: Any) -> dict[str, str]:
+    """Every command-line value as a string: the ``args`` of a results record."""
+    return {k: str(v) for k, v in vars(args).items()}
+
+
+def json_out(args: Any, job: str) -> Path:
+    """``--out``, by default ``results/<job>/<timestamp>.json``."""
+    return args.out or Path(f"{default_out(job)}.json")
+
+
+def finish_measurement(args: Any, console: Any, out: Path, result: Any) -> int:
+    """:func:`finish` with the record of a measurement: its :func:`args_record`, the :func:`machine` and
+    ``result``."""
+    return finish(args, console, out, {"args": args_record(args), "machine": machine(), "result": result})
+
+
+def load_text(load: Sequence[float]) -> str:
+    """The 1-minute load averages ``(before, after)`` a measurement, for its summary line."""
+    return f"1-min load average before / after: {load[0]:.2f} / {load[1]:.2f}"
+
+
+def add_run_arguments(p: Any, job: str, noise: str) -> None:
+    """``--seeded-noise`` (reproducible ``noise``: what the noise is for), ``--threads``, ``--no-progress``
+    and ``--out`` (default ``results/<job>/<timestamp>``)."""
+    p.add_argument(
+        "--seeded-noise",
+        action="store_true",
+        help=f"reproducible {noise} noise (NOT secure; for experiments) instead of the OS-keyed ChaCha20 "
+        "source",
+    )
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--out", type=Path, default=None, help=f"output folder; default results/{job}/<timestamp>")
+
+
+def noise_source(args: Any, seed: int) -> SeededNoise | None:
+    """``SeededNoise(seed)`` with ``--seeded-noise``, else ``None`` (the secure default source)."""
+    return SeededNoise(seed) if args.seeded_noise else None
+
+
+def noise_label(args: Any) -> str:
+    """The ``noise`` of a results record: which source ``--seeded-noise`` chose."""
+    return "seeded (NOT secure)" if args.seeded_noise else "secure"
+
+
+def start_embedding_run(args: Any) -> tuple[Console, bool, Any]:
+    """``(console, ok, extractor)`` of a subcommand on embeddings: the console, ``--threads`` applied,
+    and :func:`timm_extractor`'s ``(ok, extractor)``."""
+    console = console_for(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    ok, extractor = timm_extractor(args, console)
+    return console, ok, extractor
 
 
 def add_timm_arguments(p: Any, purpose: str) -> None:

@@ -14,19 +14,19 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import torch
 from rich.table import Table
 
 from privfl.bench.common import (
+    add_run_arguments,
     add_timm_arguments,
-    console_for,
     default_out,
     machine,
-    timm_extractor,
+    noise_label,
+    noise_source,
+    start_embedding_run,
     write_outputs,
 )
 from privfl.bench.common import fmt_cell as _fmt
-from privfl.defenses.rng import SeededNoise
 from privfl.experiments.dpcvae import PRESETS, run_dpcvae_experiment
 
 COLUMNS = (
@@ -62,14 +62,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="subset of Local FedAvg FedProx FedLambda DP-CVAE DP-CGAN (default all)",
     )
     add_timm_arguments(p, "embeddings")
-    p.add_argument(
-        "--seeded-noise",
-        action="store_true",
-        help="reproducible DP noise (NOT secure; for experiments) instead of the OS-keyed ChaCha20 source",
-    )
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("--out", type=Path, default=None, help="output folder; default results/dpcvae/<timestamp>")
+    add_run_arguments(p, "dpcvae", "DP")
 
 
 def _flat(row: dict[str, Any]) -> dict[str, Any]:
@@ -180,12 +173,9 @@ def _report(record: dict[str, Any], path: Path) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
-    console = console_for(args)
     # opacus' RDP note when the best order is its largest: the bound is still valid (just not the tightest)
     warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    ok, extractor = timm_extractor(args, console)
+    console, ok, extractor = start_embedding_run(args)
     if not ok:
         return 2
     preset = PRESETS[args.preset]
@@ -194,7 +184,7 @@ def run(args: argparse.Namespace) -> int:
     result = run_dpcvae_experiment(
         preset,
         extractor=extractor,
-        noise=SeededNoise(preset.seed) if args.seeded_noise else None,
+        noise=noise_source(args, preset.seed),
         progress=not args.no_progress,
         methods=args.methods,
     )
@@ -203,7 +193,7 @@ def run(args: argparse.Namespace) -> int:
         "machine": machine(),
         **result,
         "extractor": args.timm_model or "dhunet-tiny encoder (random features)",
-        "noise": "seeded (NOT secure)" if args.seeded_noise else "secure",
+        "noise": noise_label(args),
     }
     table = Table(title=f"dpcvae ({preset.name}), {result['seconds']:.0f} s")
     for col in ("method", "acc", "bal. acc", "λ", "ε", "sliced W1", "params", "MIA AUC"):

@@ -16,19 +16,19 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import torch
 from rich.table import Table
 
 from privfl.bench.common import (
+    add_run_arguments,
     add_timm_arguments,
-    console_for,
     default_out,
     machine,
-    timm_extractor,
+    noise_label,
+    noise_source,
+    start_embedding_run,
     write_outputs,
 )
 from privfl.bench.common import fmt_cell as _fmt
-from privfl.defenses.rng import SeededNoise
 from privfl.experiments.dsl import METHODS, PRESETS, run_dsl_experiment
 from privfl.models import list_models
 
@@ -70,15 +70,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "dhunet-tiny for gpu)",
     )
     add_timm_arguments(p, "FID features")
-    p.add_argument(
-        "--seeded-noise",
-        action="store_true",
-        help="reproducible defense noise (NOT secure; for experiments) instead of the OS-keyed ChaCha20 "
-        "source",
-    )
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("--out", type=Path, default=None, help="output folder; default results/dsl/<timestamp>")
+    add_run_arguments(p, "dsl", "defense")
 
 
 def _get(row: dict[str, Any], *keys: str) -> Any:
@@ -276,10 +268,7 @@ def _report(record: dict[str, Any], path: Path) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
-    console = console_for(args)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    ok, extractor = timm_extractor(args, console)
+    console, ok, extractor = start_embedding_run(args)
     if not ok:
         return 2
     preset = PRESETS[args.preset]
@@ -296,7 +285,7 @@ def run(args: argparse.Namespace) -> int:
         preset,
         methods=args.methods,
         extractor=extractor,
-        noise=SeededNoise(preset.seed) if args.seeded_noise else None,
+        noise=noise_source(args, preset.seed),
         progress=not args.no_progress,
         log=lambda m: console.print(f"[bold]{m}"),
     )
@@ -305,7 +294,7 @@ def run(args: argparse.Namespace) -> int:
         "machine": machine(),
         **result,
         "fid_extractor": args.timm_model or "dhunet-tiny encoder (random features)",
-        "noise": "seeded (NOT secure)" if args.seeded_noise else "secure",
+        "noise": noise_label(args),
     }
     table = Table(title=f"dsl ({preset.name}), {result['seconds']:.0f} s")
     for col in ("method", "Dice", "Dist-FID H&E", "Dist-FID IHC", "MIA LOSS", "MIA closest"):

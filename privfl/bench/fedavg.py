@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from rich.table import Table
 
-from privfl.bench.common import console_for, default_out, finish, machine
+from privfl.bench.common import args_record, console_for, default_out, finish, machine
 from privfl.data import SyntheticHistology, partition
 from privfl.fl import ClientConfig, run_federated
 from privfl.models import build_model
@@ -75,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
         )
     console.print(table)
     record = {
-        "args": {k: str(v) for k, v in vars(args).items()},
+        "args": args_record(args),
         "machine": machine(),
         "seconds": seconds,
         "history": result.history,

@@ -26,21 +26,11 @@ from typing import Any
 from rich.table import Table
 
 from privfl.bench import paper_tables as pt
-from privfl.bench.common import console_for, default_out, eps_text, finish, machine, write_csv
+from privfl.bench.common import console_for, finish, machine, write_csv
 
 NAME = "fedavg-vs-feddp"
 SETTINGS = ("centralized", "FL", "FedDP")
-CSV_COLUMNS = (
-    "model",
-    "setting",
-    "dice",
-    "jaccard",
-    "accuracy",
-    "epsilon",
-    "delta",
-    "paper_epsilon",
-    "train_seconds",
-)
+CSV_COLUMNS = ("model", "setting", *pt.ROW_COLUMNS)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -59,17 +49,7 @@ def table(rows: list[dict[str, Any]], title: str) -> Table:
     for col in ("Dice", "Jaccard", "Acc", f"ε (δ={pt.DELTA:g})", "paper ε = C/σ", "train s"):
         t.add_column(col, justify="right")
     for r in rows:
-        paper = "—" if r["paper_epsilon"] is None else f"{r['paper_epsilon']:.3g}"
-        t.add_row(
-            r["model"],
-            r["setting"],
-            f"{r['dice']:.4f}",
-            f"{r['jaccard']:.4f}",
-            f"{r['accuracy']:.4f}",
-            eps_text(r["epsilon"]),
-            paper,
-            f"{r['train_seconds']:.1f}",
-        )
+        t.add_row(r["model"], r["setting"], *pt.row_cells(r))
     return t
 
 
@@ -84,9 +64,7 @@ def run(args: argparse.Namespace) -> int:
         return preset, federation, pt.base_models(models, preset, args.seed)
 
     preset, federation, bases = pt.validated(NAME, check)
-    out = args.out or default_out(NAME)
-    out.mkdir(parents=True, exist_ok=True)
-    progress = not args.no_progress and not args.json
+    out, progress = pt.start(args, NAME)
     console.print(
         f"{NAME} ({args.preset}): {', '.join(preset.models)}; {federation.describe()}; "
         f"{preset.rounds} rounds → {out}"
@@ -106,10 +84,7 @@ def run(args: argparse.Namespace) -> int:
                 **pt.run_row(data, base, defense, preset, seed=args.seed, progress=progress),
             }
             rows.append(row)
-            console.print(
-                f"  {name:<12} {setting:<12} Dice {row['dice']:.4f}  ε {eps_text(row['epsilon'])}  "
-                f"{row['train_seconds']:.1f} s"
-            )
+            console.print(f"  {name:<12} {setting:<12} {pt.row_line(row)}")
     results = {
         "subcommand": NAME,
         "preset": args.preset,

@@ -20,7 +20,7 @@ from typing import Any
 
 from rich.table import Table
 
-from privfl.bench.common import console_for, default_out, finish, machine
+from privfl.bench.common import console_for, finish, json_out, machine
 from privfl.defenses import FedDPNoise, RoundContext
 from privfl.defenses.accounting import calibrate
 from privfl.defenses.calibration import gaussian_epsilon
@@ -191,4 +191,4 @@ def run(args: argparse.Namespace) -> int:
     record: dict[str, Any] = {"machine": machine(), "accounting": result}
     if args.train:
         record["training"] = train(args, args.train_rounds or args.rounds, console)
-    return finish(args, console, args.out or Path(f"{default_out('feddp')}.json"), record)
+    return finish(args, console, json_out(args, "feddp"), record)

@@ -48,7 +48,12 @@ import tenseal as ts
 import torch
 from rich.table import Table
 
-from privfl.bench.common import console_for, default_out, finish, machine
+from privfl.bench.common import (
+    console_for,
+    finish_measurement,
+    json_out,
+    load_text,
+)
 from privfl.defenses.ckks import PRESETS, CKKSClient, CKKSKeys, CKKSServer, aggregate_head
 from privfl.updates import SpecEntry, UpdateSpec
 
@@ -448,7 +453,7 @@ def _fmt_bytes(b: float) -> str:
 def run(args: argparse.Namespace) -> int:
     console = console_for(args)
     console.width = max(console.width, 160)  # the table has 11 columns
-    out = args.out or Path(f"{default_out('he')}.json")
+    out = json_out(args, "he")
     presets = tuple(s.strip() for s in args.presets.split(",") if s.strip())
     for name in presets:
         if name not in PRESETS:
@@ -526,9 +531,5 @@ def run(args: argparse.Namespace) -> int:
     for k, ok in result["verdicts"].items():
         console.print(f"  {k}: {'PASS' if ok else 'FAIL'}")
     load = result["load_avg_1min"]
-    console.print(
-        f"1-min load average before / after: {load[0]:.2f} / {load[1]:.2f} on {os.cpu_count()} cores; "
-        f"wall {result['wall_s']:.0f} s"
-    )
-    record = {"args": {k: str(v) for k, v in vars(args).items()}, "machine": machine(), "result": result}
-    return finish(args, console, out, record)
+    console.print(f"{load_text(load)} on {os.cpu_count()} cores; wall {result['wall_s']:.0f} s")
+    return finish_measurement(args, console, out, result)

@@ -31,7 +31,7 @@ from rich.table import Table
 
 from privfl.attacks.inversion import InvertingGradients, observe_update
 from privfl.attacks.metrics import mean_psnr, ssim
-from privfl.bench.common import console_for, default_out, finish, machine
+from privfl.bench.common import args_record, console_for, default_out, finish, machine
 from privfl.experiments.inversion import dp_protect, fixed_case
 from privfl.models import list_models
 from privfl.updates import global_l2_norm
@@ -161,7 +161,7 @@ def run(args: argparse.Namespace) -> int:
     grid = _save_grid(out_dir / "grid.png", image, panels)
     console.print(f"image grid: {grid}")
     record = {
-        "args": {k: str(v) for k, v in vars(args).items()},
+        "args": args_record(args),
         "machine": machine(),
         "device": str(device),
         "parameters": params,

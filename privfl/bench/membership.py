@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from rich.table import Table
 
-from privfl.bench.common import console_for, default_out, finish, machine
+from privfl.bench.common import args_record, console_for, default_out, finish, machine
 from privfl.experiments.membership import run_membership_experiment
 
 ATTACKS = ("lira_online_fixed", "lira_online", "lira_offline_fixed", "lira_offline", "confidence", "loss")
@@ -101,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
         console.print(table)
     console.print(f"ROC plot: {roc}")
     record = {
-        "args": {k: str(v) for k, v in vars(args).items()},
+        "args": args_record(args),
         "machine": machine(),
         "roc": str(roc),
         **result,

@@ -22,7 +22,12 @@ from typing import Any
 import torch
 from rich.table import Table
 
-from privfl.bench.common import console_for, default_out, finish, machine
+from privfl.bench.common import (
+    console_for,
+    finish_measurement,
+    json_out,
+    load_text,
+)
 from privfl.defenses.rng import SecureNoise, SeededNoise
 
 TARGET_RATIO = 2.0  # SecureNoise Gaussian time / torch.randn time, benchmarks/RESULTS.md "DP noise source"
@@ -114,7 +119,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     console = console_for(args)
-    out = args.out or Path(f"{default_out('noise')}.json")
+    out = json_out(args, "noise")
     console.print(
         f"noise: {args.params:,} float32 values, {args.warmup} warm-up + {args.repeats} timed "
         f"rounds, {torch.get_num_threads()} torch threads → {out}"
@@ -140,15 +145,11 @@ def run(args: argparse.Namespace) -> int:
         )
     console.print(table)
     load = result["load_avg_1min"]
-    console.print(
-        f"1-min load average before / after: {load[0]:.2f} / {load[1]:.2f} "
-        f"on {os.cpu_count()} cores (other processes slow the threaded cases)"
-    )
+    console.print(f"{load_text(load)} on {os.cpu_count()} cores (other processes slow the threaded cases)")
     verdict = "within" if result["within_target"] else "OVER"
     console.print(
         f"SecureNoise gaussian / torch.randn = {result['secure_gaussian_ratio']:.2f} "
         f"({verdict} the {TARGET_RATIO:g}× target)"
     )
 
-    record = {"args": {k: str(v) for k, v in vars(args).items()}, "machine": machine(), "result": result}
-    return finish(args, console, out, record)
+    return finish_measurement(args, console, out, result)

@@ -26,22 +26,10 @@ from typing import Any
 from rich.table import Table
 
 from privfl.bench import paper_tables as pt
-from privfl.bench.common import console_for, default_out, eps_text, finish, machine, write_csv
+from privfl.bench.common import console_for, eps_text, finish, machine, write_csv
 
 NAME = "noise-ablation"
-CSV_COLUMNS = (
-    "setting",
-    "clip",
-    "sigma",
-    "noise_multiplier",
-    "dice",
-    "jaccard",
-    "accuracy",
-    "epsilon",
-    "delta",
-    "paper_epsilon",
-    "train_seconds",
-)
+CSV_COLUMNS = ("setting", "clip", "sigma", "noise_multiplier", *pt.ROW_COLUMNS)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -75,21 +63,8 @@ def table(rows: Sequence[dict[str, Any]], title: str) -> Table:
     ):
         t.add_column(col, justify="right")
     for r in rows:
-        c, s, paper = (
-            ("—", "—", "—")
-            if r["clip"] is None
-            else (f"{r['clip']:g}", f"{r['sigma']:g}", f"{r['paper_epsilon']:.3g}")
-        )
-        t.add_row(
-            c,
-            s,
-            f"{r['dice']:.4f}",
-            f"{r['jaccard']:.4f}",
-            f"{r['accuracy']:.4f}",
-            eps_text(r["epsilon"]),
-            paper,
-            f"{r['train_seconds']:.1f}",
-        )
+        c, s = ("—", "—") if r["clip"] is None else (f"{r['clip']:g}", f"{r['sigma']:g}")
+        t.add_row(c, s, *pt.row_cells(r))
     return t
 
 
@@ -185,9 +160,7 @@ def run(args: argparse.Namespace) -> int:
         return preset, clips, sigmas, federation, pt.base_models([model], preset, args.seed)[model]
 
     preset, clips, sigmas, federation, base = pt.validated(NAME, check)
-    out = args.out or default_out(NAME)
-    out.mkdir(parents=True, exist_ok=True)
-    progress = not args.no_progress and not args.json
+    out, progress = pt.start(args, NAME)
     console.print(
         f"{NAME} ({args.preset}): {preset.model}; C in {list(clips)} × σ in {list(sigmas)}; "
         f"{federation.describe()}; {preset.rounds} rounds → {out}"
@@ -205,10 +178,7 @@ def run(args: argparse.Namespace) -> int:
             **pt.run_row(federation, base, defense, preset, seed=args.seed, progress=progress),
         }
         rows.append(row)
-        console.print(
-            f"  {row['setting']:<22} Dice {row['dice']:.4f}  ε {eps_text(row['epsilon'])}  "
-            f"{row['train_seconds']:.1f} s"
-        )
+        console.print(f"  {row['setting']:<22} {pt.row_line(row)}")
     results = {
         "subcommand": NAME,
         "preset": args.preset,

@@ -5,7 +5,8 @@ proves at δ = 1e-5 next to the paper's ε = C/σ (its Eq. 14, not a DP guarante
 
 Here: the presets (``cpu-quick``, ``paper``), the command-line flags both subcommands share and their
 validation (everything is checked before any training), the FedDP mechanism with seeded noise, the
-centralized baseline and one training run summarised as a table row.
+centralized baseline, one training run summarised as a table row (its CSV columns, table cells and
+progress line) and the output folder.
 """
 
 from __future__ import annotations
@@ -22,11 +23,12 @@ from typing import Any
 from torch import nn
 from torch.utils.data import ConcatDataset
 
+from privfl.bench.common import default_out, eps_text
 from privfl.data.errors import DataError
 from privfl.defenses import FedDPNoise
 from privfl.defenses.base import Defense
 from privfl.defenses.rng import SeededNoise
-from privfl.experiments.sweep import Federation, TrainingPreset, load_federation, make_model, train
+from privfl.experiments.sweep import Federation, TrainingPreset, make_model, train
 from privfl.fl import ClientConfig
 from privfl.models import list_models
 
@@ -157,14 +159,7 @@ def parse_positive_floats(text: str, flag: str) -> tuple[float, ...]:
 
 def load(args: argparse.Namespace, preset: PaperPreset) -> Federation:
     """The federation of ``args.data`` at the preset's sizes (``ValueError`` / ``DataError``)."""
-    return load_federation(
-        args.data,
-        num_clients=preset.clients,
-        samples_per_client=preset.samples_per_client,
-        image_size=preset.size,
-        seed=args.seed,
-        list_name=args.list_name,
-    )
+    return preset.load_federation(args.data, seed=args.seed, list_name=args.list_name)
 
 
 def base_models(names: Sequence[str], preset: PaperPreset, seed: int) -> dict[str, nn.Module]:
@@ -234,6 +229,36 @@ def run_row(
         "train_seconds": run.seconds,
         "dice_per_round": s["dice_per_round"],
     }
+
+
+ROW_COLUMNS = ("dice", "jaccard", "accuracy", "epsilon", "delta", "paper_epsilon", "train_seconds")
+"""The CSV columns of a :func:`run_row` row, after the subcommand's own."""
+
+
+def row_cells(row: dict[str, Any]) -> list[str]:
+    """The table cells of a :func:`run_row` row: Dice, Jaccard, Acc, accounted ε, paper ε, train s."""
+    paper = "—" if row["paper_epsilon"] is None else f"{row['paper_epsilon']:.3g}"
+    return [
+        f"{row['dice']:.4f}",
+        f"{row['jaccard']:.4f}",
+        f"{row['accuracy']:.4f}",
+        eps_text(row["epsilon"]),
+        paper,
+        f"{row['train_seconds']:.1f}",
+    ]
+
+
+def row_line(row: dict[str, Any]) -> str:
+    """The progress line of a finished :func:`run_row` row (after its name)."""
+    return f"Dice {row['dice']:.4f}  ε {eps_text(row['epsilon'])}  {row['train_seconds']:.1f} s"
+
+
+def start(args: argparse.Namespace, name: str) -> tuple[Path, bool]:
+    """``(out, progress)`` of subcommand ``name``: ``--out`` (default ``results/<name>/<timestamp>``),
+    created, and whether to draw progress bars."""
+    out = args.out or default_out(name)
+    out.mkdir(parents=True, exist_ok=True)
+    return out, not args.no_progress and not args.json
 
 
 def config_record(preset: PaperPreset, args: argparse.Namespace) -> dict[str, Any]:

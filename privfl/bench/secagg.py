@@ -37,7 +37,12 @@ import numpy as np
 import torch
 from rich.table import Table
 
-from privfl.bench.common import console_for, default_out, finish, machine
+from privfl.bench.common import (
+    console_for,
+    finish_measurement,
+    json_out,
+    load_text,
+)
 from privfl.defenses.secagg import crypto
 from privfl.defenses.secagg.crypto import U32, MaskTerm
 from privfl.defenses.secagg.protocol import MaskedInput, SecAggClient, SecAggConfig, SecAggServer
@@ -286,7 +291,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     console = console_for(args)
-    out = args.out or Path(f"{default_out('secagg')}.json")
+    out = json_out(args, "secagg")
     console.print(
         f"secagg: {args.params:,} parameters, {args.clients} clients, {args.dropouts} dropouts, "
         f"{args.warmup} warm-up + {args.repeats} timed runs, {torch.get_num_threads()} threads → {out}"
@@ -340,8 +345,7 @@ def run(args: argparse.Namespace) -> int:
     )
     load = r["load_avg_1min"]
     console.print(
-        f"1-min load average before / after: {load[0]:.2f} / {load[1]:.2f} on {os.cpu_count()} cores "
+        f"{load_text(load)} on {os.cpu_count()} cores "
         f"(this benchmark's own threads count too); peak RSS {r['peak_rss_mb']:.0f} MB"
     )
-    record = {"args": {k: str(v) for k, v in vars(args).items()}, "machine": machine(), "result": r}
-    return finish(args, console, out, record)
+    return finish_measurement(args, console, out, r)

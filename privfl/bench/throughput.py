@@ -19,7 +19,7 @@ from lightning.fabric import Fabric
 from rich.table import Table
 from torch import nn
 
-from privfl.bench.common import console_for, default_out, finish, machine
+from privfl.bench.common import console_for, finish_measurement, json_out, machine
 from privfl.fl.device import make_fabric, prepare_model
 from privfl.models import build_model
 from privfl.models.losses import CEDiceLoss, DHUNetLoss
@@ -162,7 +162,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     console = console_for(args)
-    out = args.out or Path(f"{default_out('train-throughput')}.json")
+    out = json_out(args, "train-throughput")
     torch.manual_seed(args.seed)
     fabric = make_fabric(args.device, args.precision)
     batch_size = args.batch_size or (24 if fabric.device.type == "cuda" else 2)
@@ -194,5 +194,4 @@ def run(args: argparse.Namespace) -> int:
     for name, value in rows:
         table.add_row(name, value)
     console.print(table)
-    record = {"args": {k: str(v) for k, v in vars(args).items()}, "machine": machine(), "result": result}
-    return finish(args, console, out, record)
+    return finish_measurement(args, console, out, result)

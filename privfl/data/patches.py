@@ -59,7 +59,40 @@ def _root_attr(base: Dataset, name: str) -> object | None:
     return getattr(base, name, None)
 
 
-class PatchClassification(Dataset):
+class _LabelledPatches(Dataset):
+    """What both patch datasets share: ``labels``, ``class_counts()`` and the index check of
+    ``__getitem__``. A subclass sets ``_labels`` (int64, one per item) and defines ``__len__`` and
+    ``num_classes``."""
+
+    _labels: torch.Tensor
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes of the label space."""
+        raise NotImplementedError
+
+    def _position(self, index: int) -> int:
+        """``index`` (negative counts from the end) as a position in ``0..len(self) - 1``;
+        ``IndexError`` when out of range."""
+        n = len(self)
+        if not -n <= index < n:
+            raise IndexError(f"index {index} out of range for dataset of length {n}")
+        return int(index) % n
+
+    @property
+    def labels(self) -> torch.Tensor:
+        """Labels of all items, int64 tensor ``(len(self),)`` (a copy; no image is loaded)."""
+        return self._labels.clone()
+
+    def class_counts(self) -> torch.Tensor:
+        """Number of items per class, int64 tensor ``(num_classes,)``."""
+        return torch.bincount(self._labels, minlength=self.num_classes)
+
+
+class PatchClassification(_LabelledPatches):
     """Patch-classification view of a segmentation dataset: item ``i`` is ``(image, label)``.
 
     Args:
@@ -124,33 +157,22 @@ class PatchClassification(Dataset):
         return int(self.indices.size)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        n = len(self)
-        if not -n <= index < n:
-            raise IndexError(f"index {index} out of range for dataset of length {n}")
-        index = int(index) % n
+        index = self._position(index)
         image = self.base[int(self.indices[index])][0]
         return image, int(self._labels[index])
 
     # ------------------------------------------------------------------ label summaries
-    @property
-    def labels(self) -> torch.Tensor:
-        """Labels of all kept patches, int64 tensor ``(len(self),)`` (a copy; no image is loaded)."""
-        return self._labels.clone()
-
+    # ``labels`` (the kept patches') and ``class_counts()``: from _LabelledPatches
     @property
     def num_classes(self) -> int:
         """Number of classes of the label space (including background 0, even when dropped)."""
         return self._num_classes
 
-    def class_counts(self) -> torch.Tensor:
-        """Number of kept patches per class, int64 tensor ``(num_classes,)``."""
-        return torch.bincount(self._labels, minlength=self._num_classes)
-
 
 ImageTransform = Callable[[torch.Tensor], torch.Tensor]
 
 
-class ImageFolderPatches(Dataset):
+class ImageFolderPatches(_LabelledPatches):
     """Labelled image patches on disk, one sub-folder per class: ``root/<class name>/<file>``.
 
     Args:
@@ -208,10 +230,7 @@ class ImageFolderPatches(Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        n = len(self)
-        if not -n <= index < n:
-            raise IndexError(f"index {index} out of range for dataset of length {n}")
-        index = int(index) % n
+        index = self._position(index)
         path = self.paths[index]
         try:
             with Image.open(path) as img:
@@ -225,16 +244,8 @@ class ImageFolderPatches(Dataset):
             image = self.transform(image)
         return image, int(self._labels[index])
 
-    @property
-    def labels(self) -> torch.Tensor:
-        """Labels of all images, int64 tensor ``(len(self),)`` (a copy; no image is loaded)."""
-        return self._labels.clone()
-
+    # ``labels`` and ``class_counts()`` (images per class): from _LabelledPatches
     @property
     def num_classes(self) -> int:
         """Number of classes (sub-folders)."""
         return len(self.classes)
-
-    def class_counts(self) -> torch.Tensor:
-        """Number of images per class, int64 tensor ``(num_classes,)``."""
-        return torch.bincount(self._labels, minlength=self.num_classes)

@@ -103,7 +103,13 @@ from privfl.defenses.calibration import check_sample_rate
 from privfl.defenses.rng import NoiseSource, default_noise
 from privfl.models.dp_compat import check_private_compatible, make_private_compatible
 from privfl.models.losses import per_sample_loss
-from privfl.models.training import ClientConfig, load_state, scheduled_batches, trainable_state
+from privfl.models.training import (
+    ClientConfig,
+    LocalTrainer,
+    load_state,
+    scheduled_batches,
+    trainable_state,
+)
 from privfl.seeding import derive_seed
 from privfl.updates import Update
 
@@ -527,7 +533,7 @@ def fit_dp_sgd(
     )
 
 
-class DPSGDTrainer:
+class DPSGDTrainer(LocalTrainer):
     """Sample-level DP-SGD as ``run_federated``'s local trainer (a
     :class:`~privfl.models.training.LocalTrainer`): every client trains with :func:`fit_dp_sgd` under
     ``dp`` and keeps its own :class:`~privfl.defenses.accounting.PrivacyAccountant`, whose state is

@@ -244,11 +244,11 @@ def run_membership_experiment(
     curves: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # ROC (fpr, tpr) per attack
     cfg = ClientConfig(local_epochs=local_epochs, batch_size=batch_size, lr=lr)
     out: dict[str, Any] = {"config": config}
-    if undefended:
-        plain = FederatedTrainer(rounds, config=cfg, accelerator=accelerator, num_classes=num_classes)
-        out["undefended"] = _attack_target(
-            "undefended",
-            plain,
+
+    def attack(name: str, trainer: FederatedTrainer) -> dict[str, Any]:
+        return _attack_target(
+            name,
+            trainer,
             factory,
             population,
             members,
@@ -259,6 +259,10 @@ def run_membership_experiment(
             dp_delta,
             curves,
         )
+
+    if undefended:
+        plain = FederatedTrainer(rounds, config=cfg, accelerator=accelerator, num_classes=num_classes)
+        out["undefended"] = attack("undefended", plain)
     if dp_epsilon is not None:
         dp_cfg = dataclasses.replace(
             cfg,
@@ -274,19 +278,7 @@ def run_membership_experiment(
         private = FederatedTrainer(
             rounds, config=dp_cfg, accelerator=accelerator, dp_sgd=dp, num_classes=num_classes
         )
-        out["dp"] = _attack_target(
-            "dp",
-            private,
-            factory,
-            population,
-            members,
-            is_member,
-            num_shadows,
-            seed,
-            progress,
-            dp_delta,
-            curves,
-        )
+        out["dp"] = attack("dp", private)
     if roc_path is not None:
         plot_roc(curves, roc_path, loglog=True)
     out["seconds"] = time.perf_counter() - t_start

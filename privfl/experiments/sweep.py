@@ -84,6 +84,20 @@ class TrainingPreset:
         recipe = {k: values.pop(k) for k in RECIPE_FIELDS}
         return replace(self, **values, config=replace(self.config, **recipe))
 
+    def load_federation(
+        self, data: str, *, seed: int, list_name: str, test_samples: int | None = None
+    ) -> Federation:
+        """The federation of ``data`` at this preset's sizes (:func:`load_federation`)."""
+        return load_federation(
+            data,
+            num_clients=self.clients,
+            samples_per_client=self.samples_per_client,
+            image_size=self.size,
+            seed=seed,
+            list_name=list_name,
+            test_samples=test_samples,
+        )
+
     @classmethod
     def check_values(cls, values: Mapping[str, Any]) -> None:
         """``ValueError`` naming the flag of a value of a :meth:`record` that is out of range."""

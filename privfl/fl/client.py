@@ -7,7 +7,7 @@ The recipe (:class:`ClientConfig`, :func:`scheduled_batches`, :func:`trainable_s
 from __future__ import annotations
 
 from collections.abc import Sized
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import nn
@@ -17,6 +17,7 @@ from privfl.data.augment import Augment, AugmentedDataset
 from privfl.models.losses import CEDiceLoss
 from privfl.models.training import (
     ClientConfig,
+    LocalTrainer,
     clamp_running_variances,
     load_state,
     scheduled_batches,
@@ -40,16 +41,13 @@ __all__ = [
 ]
 
 
-class SGDTrainer:
+class SGDTrainer(LocalTrainer):
     """Plain local SGD (a :class:`~privfl.models.training.LocalTrainer`): momentum SGD with the poly
-    schedule of :class:`ClientConfig`, on the Fabric's device and precision. Stateless between rounds;
-    all randomness (shuffling, augmentation, dropout) is seeded from (seed, round, client)."""
+    schedule of :class:`ClientConfig`, on the Fabric's device and precision. Trains any model as it
+    is, keeps no state between rounds and claims no privacy (the base class's defaults); all
+    randomness (shuffling, augmentation, dropout) is seeded from (seed, round, client)."""
 
     name = "sgd"
-
-    def prepare(self, model: nn.Module) -> nn.Module:
-        """``model`` unchanged: plain SGD trains any model."""
-        return model
 
     def fit(
         self,
@@ -100,18 +98,6 @@ class SGDTrainer:
         delta = {k: local[k] - global_state[k] for k in global_state}
         return delta, sum(losses) / len(losses)
 
-    def state_dict(self) -> dict[str, Any]:
-        """Nothing: plain SGD keeps no state between rounds."""
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Nothing to restore."""
-        return None
-
-    def privacy_record(self) -> dict[str, Any] | None:
-        """``None``: plain SGD claims no sample-level privacy."""
-        return None
-
 
 class Client:
     """One FL participant. Holds its data and recipe, never the global model between rounds."""
@@ -145,9 +131,11 @@ class Client:
         total_rounds: int,
         fabric: Fabric,
         seed: int,
+        trainer: LocalTrainer | None = None,
     ) -> tuple[Update, float]:
-        """Plain local SGD from ``global_state`` (:class:`SGDTrainer`): ``(delta, mean train loss)``."""
-        return SGDTrainer().fit(
+        """One round of local training from ``global_state`` on this client's data and recipe, by
+        ``trainer`` (default: plain local SGD, :class:`SGDTrainer`): ``(delta, mean train loss)``."""
+        return (trainer or SGDTrainer()).fit(
             model,
             self.train_data,
             global_state,

@@ -220,19 +220,8 @@ def run_federated(
             bar.reset(t_clients, total=len(sampled))
             for cid in sampled:
                 start_state = defense.personalize(server.global_state, ctx.for_client(cid))
-                client = clients[cid]
-                delta, losses[cid] = local.fit(
-                    model,
-                    client.train_data,
-                    start_state,
-                    client.config,
-                    loss_fn=client.loss_fn,
-                    augment=client.augment,
-                    round_idx=r,
-                    total_rounds=rounds,
-                    seed=seed,
-                    client_id=cid,
-                    fabric=fabric,
+                delta, losses[cid] = clients[cid].fit(
+                    model, start_state, r, rounds, fabric, seed, trainer=local
                 )
                 payloads.append(defense.protect(delta, ctx.for_client(cid)))
                 del delta  # the defense has seen it: the loop never touches it again

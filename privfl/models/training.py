@@ -10,9 +10,10 @@ trainer (defenses) and the round loop (fl) share them without importing each oth
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -126,7 +127,7 @@ def scheduled_batches(
             raise ValueError("scheduled_batches: the loader yielded no batch")
 
 
-class LocalTrainer(Protocol):
+class LocalTrainer(ABC):
     """How a client trains locally each round in ``run_federated``.
 
     ``name`` keys the trainer's state in checkpoints; ``prepare`` may convert the model once before
@@ -134,14 +135,19 @@ class LocalTrainer(Protocol):
     ``global_state`` and returns ``(delta = local − global, mean train loss)``; ``state_dict`` /
     ``load_state_dict`` carry what must survive a resume (DP-SGD: each client's accountant);
     ``privacy_record`` is the round record's ``sample_privacy`` (``None`` for plain SGD).
+
+    The defaults are those of a stateless trainer that claims no privacy and trains any model
+    (plain SGD); a subclass implements :meth:`fit` and overrides what differs.
     """
 
     name: str
 
     def prepare(self, model: nn.Module) -> nn.Module:
-        """The model to train, converted once before the first round if the trainer needs it."""
-        ...
+        """The model to train, converted once before the first round if the trainer needs it
+        (default: ``model`` unchanged)."""
+        return model
 
+    @abstractmethod
     def fit(
         self,
         model: nn.Module,
@@ -159,16 +165,16 @@ class LocalTrainer(Protocol):
     ) -> tuple[Update, float]:
         """Train client ``client_id`` for round ``round_idx`` from ``global_state``:
         ``(delta = local − global, mean train loss)``. Randomness is seeded from (seed, round, client)."""
-        ...
 
     def state_dict(self) -> dict[str, Any]:
-        """What must survive a resume (JSON-able), checkpointed under :attr:`name`."""
-        ...
+        """What must survive a resume (JSON-able), checkpointed under :attr:`name` (default: nothing)."""
+        return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what :meth:`state_dict` returned."""
-        ...
+        """Restore what :meth:`state_dict` returned (default: nothing to restore)."""
+        return None
 
     def privacy_record(self) -> dict[str, Any] | None:
-        """The round record's ``sample_privacy`` so far; ``None`` when training claims no privacy."""
-        ...
+        """The round record's ``sample_privacy`` so far; ``None`` (the default) when training claims
+        no privacy."""
+        return None

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from privfl.sharing.federated_generator import check_positive_ints, load_part_state, part_state
+
 __all__ = ["CVAE"]
 
 
@@ -45,14 +47,7 @@ class CVAE(nn.Module):
 
     def __init__(self, dim: int, num_classes: int, *, latent: int = 16, hidden: int = 128) -> None:
         super().__init__()
-        for name, value in (
-            ("dim", dim),
-            ("num_classes", num_classes),
-            ("latent", latent),
-            ("hidden", hidden),
-        ):
-            if int(value) != value or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        check_positive_ints(dim=dim, num_classes=num_classes, latent=latent, hidden=hidden)
         self.dim, self.num_classes, self.latent, self.hidden = (
             int(dim),
             int(num_classes),
@@ -96,16 +91,9 @@ class CVAE(nn.Module):
 
     def decoder_state(self) -> dict[str, Tensor]:
         """Detached copies of the ``decoder.*`` entries of the ``state_dict`` (keys keep the prefix)."""
-        return {k: v.detach().clone() for k, v in self.state_dict().items() if k.startswith("decoder.")}
+        return part_state(self, "decoder")
 
     def load_decoder_state(self, state: Mapping[str, Tensor]) -> None:
         """Load exactly the decoder's entries (``decoder.*`` keys, as :meth:`decoder_state` gives);
         ``ValueError`` for missing, extra or non-decoder keys. The encoder is untouched."""
-        expected = {k for k in self.state_dict() if k.startswith("decoder.")}
-        given = set(state)
-        if given != expected:
-            raise ValueError(
-                f"decoder state keys differ: unexpected {sorted(given - expected)}, "
-                f"missing {sorted(expected - given)}"
-            )
-        self.decoder.load_state_dict({k[len("decoder.") :]: v for k, v in state.items()})
+        load_part_state(self, "decoder", state)

@@ -61,9 +61,11 @@ from privfl.sharing.federated_generator import (
     FederatedDPConfig,
     FederatedDPResult,
     check_clients,
+    check_positive_ints,
     check_schedule,
-    param_count,
-    privacy_fields,
+    finish_run,
+    load_part_state,
+    part_state,
     sample_embeddings,
     seeded_init,
     size_weighted_mean,
@@ -86,14 +88,7 @@ class CGAN(nn.Module):
 
     def __init__(self, dim: int, num_classes: int, *, noise_dim: int = 16, hidden: int = 128) -> None:
         super().__init__()
-        for name, value in (
-            ("dim", dim),
-            ("num_classes", num_classes),
-            ("noise_dim", noise_dim),
-            ("hidden", hidden),
-        ):
-            if int(value) != value or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        check_positive_ints(dim=dim, num_classes=num_classes, noise_dim=noise_dim, hidden=hidden)
         self.dim, self.num_classes = int(dim), int(num_classes)
         self.noise_dim, self.hidden = int(noise_dim), int(hidden)
         h, c = self.hidden, self.num_classes
@@ -129,18 +124,11 @@ class CGAN(nn.Module):
 
     def generator_state(self) -> dict[str, Tensor]:
         """Detached copies of the ``generator.*`` entries of the ``state_dict`` (keys keep the prefix)."""
-        return {k: v.detach().clone() for k, v in self.state_dict().items() if k.startswith("generator.")}
+        return part_state(self, "generator")
 
     def load_generator_state(self, state: Mapping[str, Tensor]) -> None:
         """Load exactly the generator's entries; ``ValueError`` for missing, extra or foreign keys."""
-        expected = {k for k in self.state_dict() if k.startswith("generator.")}
-        given = set(state)
-        if given != expected:
-            raise ValueError(
-                f"generator state keys differ: unexpected {sorted(given - expected)}, "
-                f"missing {sorted(expected - given)}"
-            )
-        self.generator.load_state_dict({k[len("generator.") :]: v for k, v in state.items()})
+        load_part_state(self, "generator", state)
 
 
 @dataclass
@@ -239,19 +227,8 @@ def train_federated_dpcgan(
     )
 
     final = seeded_init(new_model, config.seed, "dpcgan-sampling-model")
-    final.load_generator_state(run.global_state)
-    final.eval()
-    counts = {"generator": param_count(final.generator), "discriminator": param_count(final.discriminator)}
-    counts["total"] = counts["generator"] + counts["discriminator"]
-    return DPCGANResult(
-        global_generator=run.global_state,
-        model=final,
-        **privacy_fields(dp, run.accountant_states, run.epsilon_reports),
-        sent=run.sent,
-        param_count=counts,
-        seconds=time.perf_counter() - t0,
-        losses=run.losses,
-    )
+    fields = finish_run(final, "generator", "discriminator", dp, run, t0)
+    return DPCGANResult(global_generator=run.global_state, model=final, **fields)
 
 
 def _fedavg_generators(states: Sequence[Mapping[str, Tensor]], sizes: Sequence[float]) -> dict[str, Tensor]:
@@ -304,11 +281,7 @@ def _client_round(
         x,
         y,
         d_loss,
-        epochs=config.local_epochs,
-        lr=config.lr,
-        batch_size=config.batch_size,
-        dp=dp,
-        total_epochs=config.rounds * config.local_epochs,
+        **config.schedule(dp),
         seed=seed,
         accountant_state=accountant_state,
         optimizer=config.optimizer,

@@ -57,8 +57,7 @@ from privfl.sharing.federated_generator import (
     FederatedDPResult,
     check_clients,
     check_schedule,
-    param_count,
-    privacy_fields,
+    finish_run,
     sample_embeddings,
     seeded_init,
     size_weighted_mean,
@@ -163,11 +162,7 @@ def train_federated_dpcvae(
             x,
             y,
             loss_fn,
-            epochs=config.local_epochs,
-            lr=config.lr,
-            batch_size=config.batch_size,
-            dp=dp,
-            total_epochs=config.rounds * config.local_epochs,
+            **config.schedule(dp),
             seed=derive_seed(config.seed, "dpcvae", r, c),
             accountant_state=accountant_state,
         )
@@ -179,19 +174,8 @@ def train_federated_dpcvae(
     )
 
     final = seeded_init(new_model, config.seed, "dpcvae-sampling-model")
-    final.load_decoder_state(run.global_state)
-    final.eval()
-    counts = {"decoder": param_count(final.decoder), "encoder": param_count(final.encoder)}
-    counts["total"] = counts["decoder"] + counts["encoder"]
-    return DPCVAEResult(
-        global_decoder=run.global_state,
-        model=final,
-        **privacy_fields(dp, run.accountant_states, run.epsilon_reports),
-        sent=run.sent,
-        param_count=counts,
-        seconds=time.perf_counter() - t0,
-        losses=run.losses,
-    )
+    fields = finish_run(final, "decoder", "encoder", dp, run, t0)
+    return DPCVAEResult(global_decoder=run.global_state, model=final, **fields)
 
 
 def sample(

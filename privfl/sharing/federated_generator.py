@@ -5,13 +5,15 @@ Both train, per client, a model of which one part is shared (the CVAE's decoder,
 generator) and one stays on the client (encoder, discriminator), with sample-level DP-SGD
 (:func:`~privfl.sharing.dp_training.train_dp`); the server averages the shared parts weighted by
 the clients' training-set sizes. This module holds their common settings
-(:class:`FederatedDPConfig`), result (:class:`FederatedDPResult`), input checks, the round loop
-(:func:`train_rounds`, built on :func:`privfl.fl.rounds.fedavg_round`) and class-conditional
+(:class:`FederatedDPConfig`), result (:class:`FederatedDPResult`, :func:`finish_run`), input checks,
+the copy and load of a model's shared part (:func:`part_state`, :func:`load_part_state`), the round
+loop (:func:`train_rounds`, built on :func:`privfl.fl.rounds.fedavg_round`) and class-conditional
 sampling (:func:`sample_embeddings`).
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -34,8 +36,12 @@ __all__ = [
     "FederatedRounds",
     "LocalRound",
     "check_clients",
+    "check_positive_ints",
     "check_schedule",
+    "finish_run",
+    "load_part_state",
     "param_count",
+    "part_state",
     "privacy_fields",
     "sample_embeddings",
     "seeded_init",
@@ -91,6 +97,18 @@ class FederatedDPConfig:
             accountants=self.dp_accountants,
             noise=self.noise,
         )
+
+    def schedule(self, dp: DPSGD) -> dict[str, Any]:
+        """The keyword arguments of each client's round of :func:`~privfl.sharing.dp_training.train_dp`
+        that the config sets: ``local_epochs`` epochs at ``lr`` and ``batch_size``, with ``dp``,
+        out of ``rounds × local_epochs`` planned epochs."""
+        return {
+            "epochs": self.local_epochs,
+            "lr": self.lr,
+            "batch_size": self.batch_size,
+            "dp": dp,
+            "total_epochs": self.rounds * self.local_epochs,
+        }
 
 
 @dataclass(kw_only=True)
@@ -192,16 +210,42 @@ def check_clients(clients: Sequence[tuple[Tensor, Tensor]], num_classes: int) ->
     return dims.pop()
 
 
-def check_schedule(rounds: int, local_epochs: int) -> None:
-    """``ValueError`` unless ``rounds`` and ``local_epochs`` are positive integers."""
-    for name, v in (("rounds", rounds), ("local_epochs", local_epochs)):
+def check_positive_ints(**values: int) -> None:
+    """``ValueError`` naming the first of ``values`` (in the order given) that is not a positive integer."""
+    for name, v in values.items():
         if int(v) != v or v < 1:
             raise ValueError(f"{name} must be a positive integer, got {v!r}")
+
+
+def check_schedule(rounds: int, local_epochs: int) -> None:
+    """``ValueError`` unless ``rounds`` and ``local_epochs`` are positive integers."""
+    check_positive_ints(rounds=rounds, local_epochs=local_epochs)
 
 
 def param_count(module: nn.Module) -> int:
     """Number of parameters of ``module``."""
     return sum(p.numel() for p in module.parameters())
+
+
+def part_state(model: nn.Module, part: str) -> dict[str, Tensor]:
+    """Detached copies of the ``<part>.*`` entries of ``model``'s ``state_dict`` (keys keep the prefix)."""
+    prefix = part + "."
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if k.startswith(prefix)}
+
+
+def load_part_state(model: nn.Module, part: str, state: Mapping[str, Tensor]) -> None:
+    """Load exactly the entries of ``model``'s sub-module ``part`` (``<part>.*`` keys, as
+    :func:`part_state` gives); ``ValueError`` for missing, extra or foreign keys. The rest of
+    ``model`` is untouched."""
+    prefix = part + "."
+    expected = {k for k in model.state_dict() if k.startswith(prefix)}
+    given = set(state)
+    if given != expected:
+        raise ValueError(
+            f"{part} state keys differ: unexpected {sorted(given - expected)}, "
+            f"missing {sorted(expected - given)}"
+        )
+    getattr(model, part).load_state_dict({k[len(prefix) :]: v for k, v in state.items()})
 
 
 def seeded_init(factory: Callable[[], M], *parts: int | str) -> M:
@@ -272,6 +316,26 @@ def train_rounds(
             clients = [(r, c) for c in range(n)]
             run.global_state = fedavg_round(run.global_state, clients, client_update, sizes, average=average)
     return run
+
+
+def finish_run(
+    model: nn.Module, shared: str, local: str, dp: DPSGD, run: FederatedRounds, t0: float
+) -> dict[str, Any]:
+    """Load the run's global ``shared`` part into ``model`` (the sampling model), put it in eval
+    mode, and return the :class:`FederatedDPResult` fields of the run: the privacy fields
+    (:func:`privacy_fields`), ``sent``, ``losses``, ``seconds`` since ``t0`` and ``param_count``
+    ``{shared, local, "total"}`` of ``model``."""
+    load_part_state(model, shared, run.global_state)
+    model.eval()
+    counts = {shared: param_count(getattr(model, shared)), local: param_count(getattr(model, local))}
+    counts["total"] = counts[shared] + counts[local]
+    return {
+        **privacy_fields(dp, run.accountant_states, run.epsilon_reports),
+        "sent": run.sent,
+        "param_count": counts,
+        "seconds": time.perf_counter() - t0,
+        "losses": run.losses,
+    }
 
 
 def _class_distribution(class_probs: Sequence[float] | Tensor, num_classes: int) -> Tensor:

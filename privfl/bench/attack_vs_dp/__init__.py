@@ -35,10 +35,24 @@ from privfl.bench.common import console_for, default_out, finish, machine, write
 from privfl.data.errors import DataError
 from privfl.experiments.attack_vs_dp.experiment import OutOfBudgetError, make_plan, run_plan
 from privfl.experiments.attack_vs_dp.settings import DEFAULT_SETTINGS, parse_settings
-from privfl.experiments.sweep import load_federation
 from privfl.models import list_models
 
 __all__ = ["OutOfBudgetError", "add_arguments", "run"]
+
+
+_OVERRIDES = (
+    ("clients", int),
+    ("samples-per-client", int),
+    ("size", int),
+    ("rounds", int),
+    ("local-epochs", int),
+    ("batch-size", int),
+    ("lr", float),
+    ("clip", float),
+    ("inversion-iterations", int),
+    ("inversion-batch", int),
+)
+"""The flags that override one numeric field of the preset (``--model`` and ``--device`` do too)."""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -56,18 +70,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--list", dest="list_name", default="default", help="list name of a SegmentationFolder root"
     )
     p.add_argument("--model", default=None, help="override the preset's model")
-    for flag, typ in (
-        ("clients", int),
-        ("samples-per-client", int),
-        ("size", int),
-        ("rounds", int),
-        ("local-epochs", int),
-        ("batch-size", int),
-        ("lr", float),
-        ("clip", float),
-        ("inversion-iterations", int),
-        ("inversion-batch", int),
-    ):
+    for flag, typ in _OVERRIDES:
         p.add_argument(f"--{flag}", type=typ, default=None, help="override the preset's value")
     p.add_argument("--delta", type=float, default=1e-5, help="δ of every ε reported (default 1e-5)")
     p.add_argument(
@@ -93,20 +96,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
-    keys = (
-        "model",
-        "clients",
-        "samples_per_client",
-        "size",
-        "rounds",
-        "local_epochs",
-        "batch_size",
-        "lr",
-        "clip",
-        "inversion_iterations",
-        "inversion_batch",
-        "device",
-    )
+    keys = ("model", *(flag.replace("-", "_") for flag, _ in _OVERRIDES), "device")
     return {k: getattr(args, k) for k in keys}
 
 
@@ -125,14 +115,8 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--delta must be in (0, 1), got {args.delta}")
         # synthetic: as many test images as training images, so membership inference compares equal sets
         n_train = preset.clients * preset.samples_per_client
-        federation = load_federation(
-            args.data,
-            num_clients=preset.clients,
-            samples_per_client=preset.samples_per_client,
-            image_size=preset.size,
-            seed=args.seed,
-            list_name=args.list_name,
-            test_samples=n_train,
+        federation = preset.load_federation(
+            args.data, seed=args.seed, list_name=args.list_name, test_samples=n_train
         )
         plan = make_plan(
             preset,

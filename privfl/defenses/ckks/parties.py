@@ -40,6 +40,28 @@ class _Party:
     key_id: str
     context: ts.Context
 
+    def _open(
+        self,
+        context: bytes,
+        what: str,
+        n_threads: int | None,
+        *,
+        secret: bool,
+        wrong_role: str,
+        wrong_key: str,
+    ) -> None:
+        """Load a serialized context into :attr:`preset`, :attr:`key_id` and :attr:`context`; its header
+        and its TenSEAL context must hold the secret key exactly when ``secret`` (else
+        :class:`CKKSPayloadError` with ``wrong_role`` / ``wrong_key``)."""
+        header, preset, raw = _open_context(context, what)
+        if bool(header["secret"]) != secret:
+            raise CKKSPayloadError(wrong_role)
+        self.preset = preset
+        self.key_id = str(header["key_id"])
+        self.context = ts.context_from(raw, n_threads=_threads(n_threads))
+        if bool(self.context.has_secret_key()) != secret:
+            raise CKKSPayloadError(wrong_key)
+
     def _header(self, frames: list[memoryview], what: str, kind: str | None = None) -> dict[str, Any]:
         h = _json(frames[0], what)
         if h.get("format") != "privfl-ckks" or h.get("version") != 1:
@@ -102,17 +124,15 @@ class CKKSClient(_Party):
     """
 
     def __init__(self, client_context: bytes, n_threads: int | None = None):
-        header, preset, raw = _open_context(client_context, "CKKSClient context")
-        if not header["secret"]:
-            raise CKKSPayloadError(
-                "CKKSClient needs CKKSKeys.client_context (with the secret key); this is the "
-                "server context, which cannot encrypt or decrypt"
-            )
-        self.preset = preset
-        self.key_id = str(header["key_id"])
-        self.context = ts.context_from(raw, n_threads=_threads(n_threads))
-        if not self.context.has_secret_key():
-            raise CKKSPayloadError("CKKSClient context holds no secret key")
+        self._open(
+            client_context,
+            "CKKSClient context",
+            n_threads,
+            secret=True,
+            wrong_role="CKKSClient needs CKKSKeys.client_context (with the secret key); this is the "
+            "server context, which cannot encrypt or decrypt",
+            wrong_key="CKKSClient context holds no secret key",
+        )
         self.last_payload_bytes: int | None = None
 
     # -- encryption -----------------------------------------------------------------------------
@@ -274,17 +294,15 @@ class CKKSServer(_Party):
     ):
         self.max_payload_bytes = max_payload_bytes
         self._seen: set[bytes] = set()
-        header, preset, raw = _open_context(server_context, "CKKSServer context")
-        if header["secret"]:
-            raise CKKSPayloadError(
-                "CKKSServer was given the client context (with the secret key); the server must "
-                "only get CKKSKeys.server_context"
-            )
-        self.preset = preset
-        self.key_id = str(header["key_id"])
-        self.context = ts.context_from(raw, n_threads=_threads(n_threads))
-        if self.context.has_secret_key():
-            raise CKKSPayloadError("CKKSServer context holds a secret key; refusing it")
+        self._open(
+            server_context,
+            "CKKSServer context",
+            n_threads,
+            secret=False,
+            wrong_role="CKKSServer was given the client context (with the secret key); the server must "
+            "only get CKKSKeys.server_context",
+            wrong_key="CKKSServer context holds a secret key; refusing it",
+        )
 
     def aggregate(self, payloads: Sequence[bytes | None], weights: Sequence[float] | None = None) -> bytes:
         """Sum the payloads of the clients that sent into one encrypted aggregate (bytes).

@@ -5,10 +5,11 @@ protocol state for a client that runs each step in a fresh process
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import struct
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -49,6 +50,8 @@ __all__ = ["CLIENT_STEPS", "SecAggClient"]
 
 CLIENT_STEPS = ("advertise", "share_keys", "receive_shares", "unmask")
 """The server-to-client exchanges of a round, in order (:meth:`SecAggClient.handle`)."""
+
+_Signed = TypeVar("_Signed", AdvertiseKeys, ShareKeys, UnmaskResponse)
 
 
 def _as_vector(update: np.ndarray | torch.Tensor) -> np.ndarray:
@@ -172,6 +175,10 @@ class SecAggClient:
                 f"client {self.client_id}: {step} called in phase {self.phase!r} (expected {phase!r})"
             )
 
+    def _signed(self, msg: _Signed) -> _Signed:
+        """``msg`` with its Ed25519 signature (by this client's signing key) over its signed payload."""
+        return dataclasses.replace(msg, signature=crypto.sign(self._sign_key, msg.signed_payload()))
+
     def _check_session(self, session_id: bytes) -> None:
         assert self.config is not None
         if session_id != self.config.session_id:
@@ -186,16 +193,10 @@ class SecAggClient:
         self.config = config
         self._c_sk, c_pk = crypto.new_x25519()
         self._s_sk, s_pk = crypto.new_x25519()
-        ad = AdvertiseKeys(
-            config.session_id, self.client_id, c_pk, s_pk, crypto.signing_public(self._sign_key)
-        )
-        self._advert = AdvertiseKeys(
-            ad.session_id,
-            ad.client_id,
-            c_pk,
-            s_pk,
-            ad.sign_public,
-            crypto.sign(self._sign_key, ad.signed_payload()),
+        self._advert = self._signed(
+            AdvertiseKeys(
+                config.session_id, self.client_id, c_pk, s_pk, crypto.signing_public(self._sign_key)
+            )
         )
         self.phase = "advertised"
         return self._advert
@@ -262,13 +263,7 @@ class SecAggClient:
             cfg.session_id, self.client_id, _commitment(cfg.session_id, self.client_id, seed), tuple(out)
         )
         self.phase = "shared"
-        return ShareKeys(
-            msg.session_id,
-            msg.sender,
-            msg.b_commitment,
-            msg.shares,
-            crypto.sign(self._sign_key, msg.signed_payload()),
-        )
+        return self._signed(msg)
 
     def receive_shares(self, delivery: ShareDelivery | Raw) -> None:
         """End of round 1: decrypt and authenticate the shares addressed to this client (a wrong AEAD
@@ -451,14 +446,7 @@ class SecAggClient:
         for v in sorted(dropped):
             s_out.append((v, self._held[v][0].to_bytes()))
             self._revealed[v] = "s"
-        msg = UnmaskResponse(cfg.session_id, self.client_id, tuple(b_out), tuple(s_out))
-        return UnmaskResponse(
-            msg.session_id,
-            msg.client_id,
-            msg.b_shares,
-            msg.s_shares,
-            crypto.sign(self._sign_key, msg.signed_payload()),
-        )
+        return self._signed(UnmaskResponse(cfg.session_id, self.client_id, tuple(b_out), tuple(s_out)))
 
 
 # ------------------------------------------------------------------------------ client state encoding

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import math
-import time
 from collections.abc import Mapping, Sequence
 from functools import partial
 
@@ -25,7 +24,6 @@ from torch import Tensor, nn
 
 from privfl.fl.rounds import fedavg_round, weighted_sum
 from privfl.progress import progress_bar
-from privfl.seeding import seeded
 from privfl.sharing.dsl.protocol import DSLServer, DSLSite
 from privfl.sharing.dsl.train import DSLConfig, DSLResult, DSLRun, SiteData
 
@@ -57,20 +55,12 @@ def train_fedavg_gan(
     """
     if rounds < 1 or local_epochs < 1:
         raise ValueError(f"rounds and local_epochs must be >= 1, got {rounds} and {local_epochs}")
-    with seeded(config.seed, "train_fedavg_gan", cuda=True):
-        return _train_fedavg_gan(sites, config, rounds, local_epochs, perceptual, progress)
+    body = partial(_train_fedavg_gan, rounds=rounds, local_epochs=local_epochs, progress=progress)
+    return DSLRun.seeded("train_fedavg_gan", sites, config, perceptual, None, None, body)
 
 
-def _train_fedavg_gan(
-    sites: Sequence[SiteData],
-    config: DSLConfig,
-    rounds: int,
-    local_epochs: int,
-    perceptual: nn.Module | None,
-    progress: bool,
-) -> DSLResult:
-    t0 = time.perf_counter()
-    run = DSLRun(sites, config, perceptual, None, None)
+def _train_fedavg_gan(run: DSLRun, t0: float, rounds: int, local_epochs: int, progress: bool) -> DSLResult:
+    config = run.config
     device = run.fabric.device
     sizes = [s.size for s in run.sites]
     servers = []

@@ -30,6 +30,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -260,6 +261,24 @@ class DSLRun:
         self.history.append(rec)
         return [len(s.losses.generator) for s in sites]
 
+    @classmethod
+    def seeded(
+        cls,
+        tag: str,
+        sites: Sequence[SiteData],
+        config: DSLConfig,
+        perceptual: nn.Module | None,
+        defense: ReplyDefense | None,
+        observer: Observer | None,
+        body: Callable[[DSLRun, float], DSLResult],
+    ) -> DSLResult:
+        """``body(run, t0)`` on a new run, all under ``seeded(config.seed, tag, cuda=True)`` (the global
+        RNG is seeded for the run and restored afterwards); ``t0`` is the ``time.perf_counter()`` of
+        the run's start, taken before the run is built."""
+        with seeded(config.seed, tag, cuda=True):
+            t0 = time.perf_counter()
+            return body(cls(sites, config, perceptual, defense, observer), t0)
+
     def result(self, variant: str, t0: float) -> DSLResult:
         """The finished run as a :class:`DSLResult` (generator on the CPU in eval mode; ``t0`` is the
         ``time.perf_counter()`` of the run's start)."""
@@ -299,20 +318,12 @@ def train_dsl(
     Deterministic for a given ``config.seed`` on CPU (the global RNG is seeded for the run and
     restored afterwards), except for the noise of a secure ``defense``.
     """
-    with seeded(config.seed, "train_dsl", cuda=True):
-        return _train_dsl(sites, config, perceptual, defense, observer, progress)
+    body = partial(_train_dsl, progress=progress)
+    return DSLRun.seeded("train_dsl", sites, config, perceptual, defense, observer, body)
 
 
-def _train_dsl(
-    sites: Sequence[SiteData],
-    config: DSLConfig,
-    perceptual: nn.Module | None,
-    defense: ReplyDefense | None,
-    observer: Observer | None,
-    progress: bool,
-) -> DSLResult:
-    t0 = time.perf_counter()
-    run = DSLRun(sites, config, perceptual, defense, observer)
+def _train_dsl(run: DSLRun, t0: float, progress: bool) -> DSLResult:
+    config = run.config
     weights = modality_weights([s.size for s in run.sites], run.available)
     server = DSLServer(
         run.generator, weights.to(run.fabric.device, torch.float32), lr=config.lr, beta1=config.beta1
@@ -345,20 +356,12 @@ def train_cl_dsl(
     Arguments as for :func:`train_dsl`. The server keeps every mask it received (it needs earlier
     sites' masks for the reminding loss after those sites have left). Seeded as :func:`train_dsl`.
     """
-    with seeded(config.seed, "train_cl_dsl", cuda=True):
-        return _train_cl_dsl(sites, config, perceptual, defense, observer, progress)
+    body = partial(_train_cl_dsl, progress=progress)
+    return DSLRun.seeded("train_cl_dsl", sites, config, perceptual, defense, observer, body)
 
 
-def _train_cl_dsl(
-    sites: Sequence[SiteData],
-    config: DSLConfig,
-    perceptual: nn.Module | None,
-    defense: ReplyDefense | None,
-    observer: Observer | None,
-    progress: bool,
-) -> DSLResult:
-    t0 = time.perf_counter()
-    run = DSLRun(sites, config, perceptual, defense, observer)
+def _train_cl_dsl(run: DSLRun, t0: float, progress: bool) -> DSLResult:
+    config = run.config
     device = run.fabric.device
     kept: list[Tensor] = []
     previous: MaskToImageGenerator | None = None
