@@ -39,4 +39,4 @@ def load_checkpoint(directory: str | Path) -> dict[str, Any] | None:
     path = Path(directory) / CHECKPOINT_NAME
     if not path.exists():
         return None
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain data only: never code

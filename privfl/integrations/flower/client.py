@@ -122,7 +122,7 @@ class PrivflClient:
         saved = context.state.config_records.get(_DEFENSE_STATE)
         if saved is not None:
             state = record_value(saved, "state", bytes, "saved defense state")
-            defense.load_state_dict(torch.load(io.BytesIO(state), weights_only=False))
+            defense.load_state_dict(torch.load(io.BytesIO(state), weights_only=True))
         return defense
 
     def _save(self, defense: Defense, context: Context) -> None:
