@@ -209,25 +209,18 @@ def test_dp_sgd_run_reports_each_clients_accountant_checkpoints_it_and_resumes(t
     from privfl.defenses.dpsgd import DPSGD, dpsgd_event
     from privfl.defenses.rng import SeededNoise
 
-    def setup():
-        data = SyntheticHistology(16, size=SIZE, seed=0, sites=2)
-        torch.manual_seed(0)
-        return build_model("unet-tiny", num_classes=4), partition(data, "iid", 2, seed=0)
-
     dp = DPSGD(max_grad_norm=1.0, noise_multiplier=1.0, noise=SeededNoise(0))
     cfg = ClientConfig(local_steps=2, batch_size=4)
-    model, clients = setup()
-    full = run_federated(
-        model,
-        clients,
-        None,
-        2,
-        config=cfg,
-        dp_sgd=dp,
-        progress=False,
-        val_fraction=0.0,
-        checkpoint_dir=tmp_path / "full",
-    )
+
+    def run(**kwargs):
+        data = SyntheticHistology(16, size=SIZE, seed=0, sites=2)
+        torch.manual_seed(0)
+        model, clients = build_model("unet-tiny", num_classes=4), partition(data, "iid", 2, seed=0)
+        return run_federated(
+            model, clients, None, 2, config=cfg, dp_sgd=dp, progress=False, val_fraction=0.0, **kwargs
+        )
+
+    full = run(checkpoint_dir=tmp_path / "full")
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in full.model.modules())  # converted for opacus
     sp = full.history[-1]["sample_privacy"]
     q = 1 / math.ceil(8 / 4)  # Poisson rate: 1 / number of batches
@@ -247,33 +240,9 @@ def test_dp_sgd_run_reports_each_clients_accountant_checkpoints_it_and_resumes(t
     def crash(rec):
         raise _Crash
 
-    model, clients = setup()
     with pytest.raises(_Crash):
-        run_federated(
-            model,
-            clients,
-            None,
-            2,
-            config=cfg,
-            dp_sgd=dp,
-            progress=False,
-            val_fraction=0.0,
-            checkpoint_dir=tmp_path / "resumed",
-            on_round_end=crash,
-        )
-    model, clients = setup()
-    resumed = run_federated(
-        model,
-        clients,
-        None,
-        2,
-        config=cfg,
-        dp_sgd=dp,
-        progress=False,
-        val_fraction=0.0,
-        checkpoint_dir=tmp_path / "resumed",
-        resume=True,
-    )
+        run(checkpoint_dir=tmp_path / "resumed", on_round_end=crash)
+    resumed = run(checkpoint_dir=tmp_path / "resumed", resume=True)
     assert resumed.history[-1]["sample_privacy"] == sp
     for k in full.global_state:
         assert torch.equal(full.global_state[k], resumed.global_state[k]), k

@@ -17,7 +17,7 @@ from flwr.simulation import run_simulation  # noqa: E402
 
 from privfl.data import SyntheticHistology, partition  # noqa: E402
 from privfl.defenses import ClipUpdate, Compose, FedDPNoise, GaussianMechanism, PartialSharing  # noqa: E402
-from privfl.defenses.base import RoundContext  # noqa: E402
+from privfl.defenses.base import Defense, RoundContext  # noqa: E402
 from privfl.defenses.rng import SeededNoise  # noqa: E402
 from privfl.defenses.secagg import SecureAggregation  # noqa: E402
 from privfl.fl import ClientConfig, run_federated  # noqa: E402
@@ -260,6 +260,23 @@ def _apps(
     return server_app, client_app
 
 
+def _reference(defense: Defense):
+    """The same federation trained by ``run_federated`` in-process: what a Flower run must match."""
+    return run_federated(
+        _model(),
+        _federation(),
+        None,
+        ROUNDS,
+        config=CFG,
+        defense=defense,
+        seed=SEED,
+        val_fraction=0.0,
+        augment=None,
+        accelerator="cpu",
+        progress=False,
+    )
+
+
 def _simulate(defense_name: str, **kw) -> PrivflStrategy:
     strategies: list = []
     server_app, client_app = _apps(defense_name, strategies, **kw)
@@ -281,19 +298,7 @@ def _simulate(defense_name: str, **kw) -> PrivflStrategy:
 def test_flower_simulation_matches_run_federated(defense_name):
     strategy = _simulate(defense_name)
     reference_defense = DEFENSES[defense_name]()
-    reference = run_federated(
-        _model(),
-        _federation(),
-        None,
-        ROUNDS,
-        config=CFG,
-        defense=reference_defense,
-        seed=SEED,
-        val_fraction=0.0,
-        augment=None,
-        accelerator="cpu",
-        progress=False,
-    )
+    reference = _reference(reference_defense)
     final = record_to_state(strategy.result.arrays)
     assert set(final) == set(reference.global_state)
     for k, v in reference.global_state.items():
@@ -319,19 +324,7 @@ def test_privfl_strategy_wraps_fedprox_in_simulation():
     )
     assert type(strategy.inner).__name__ == "FedProx" and strategy.strategy is strategy.inner
     assert all(h["rejected"] == {} and h["received"] == [0, 1, 2] for h in strategy.history)
-    reference = run_federated(
-        _model(),
-        _federation(),
-        None,
-        ROUNDS,
-        config=CFG,
-        defense=DEFENSES["feddp"](),
-        seed=SEED,
-        val_fraction=0.0,
-        augment=None,
-        accelerator="cpu",
-        progress=False,
-    )
+    reference = _reference(DEFENSES["feddp"]())
     final = record_to_state(strategy.result.arrays)
     for k, v in reference.global_state.items():
         torch.testing.assert_close(final[k], v, rtol=1e-5, atol=1e-6, msg=k)
@@ -350,19 +343,7 @@ def test_secure_aggregation_on_flower_survives_an_unmask_dropout_and_holds_no_cl
     stage = strategy.defense.stages[-1]
     assert type(stage.transport).__name__ == "FlowerTransport" and stage._client is None
     assert stage.last_report.survivors == (0, 1, 2) and stage.last_report.dropped_before_unmask == (1,)
-    reference = run_federated(
-        _model(),
-        _federation(),
-        None,
-        ROUNDS,
-        config=CFG,
-        defense=DEFENSES["secagg+distributed"](),
-        seed=SEED,
-        val_fraction=0.0,
-        augment=None,
-        accelerator="cpu",
-        progress=False,
-    )
+    reference = _reference(DEFENSES["secagg+distributed"]())
     final = record_to_state(strategy.result.arrays)
     for k, v in reference.global_state.items():  # the same integer sums: equal up to float rounding
         torch.testing.assert_close(final[k], v, rtol=1e-5, atol=1e-6, msg=k)
@@ -633,19 +614,7 @@ def test_ckks_in_flower_keeps_the_key_on_the_clients_and_matches_run_federated()
     state = trainable_state(_model())
     for blob in strategy.encrypted_aggregates:
         state = apply(state, unflatten(*holder.decrypt_vector(blob)), allow_missing=True)
-    reference = run_federated(
-        _model(),
-        _federation(),
-        None,
-        ROUNDS,
-        config=CFG,
-        defense=ckks_defense(),
-        seed=SEED,
-        val_fraction=0.0,
-        augment=None,
-        accelerator="cpu",
-        progress=False,
-    )
+    reference = _reference(ckks_defense())
     for k, v in reference.global_state.items():  # equal up to CKKS error (fresh encryption randomness)
         torch.testing.assert_close(state[k], v, rtol=1e-4, atol=1e-5, msg=k)
     with pytest.raises(ValueError, match="secret key"):
